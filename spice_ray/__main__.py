@@ -1,0 +1,3 @@
+from spice_ray.cli import main
+
+main()

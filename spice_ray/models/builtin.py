@@ -1,0 +1,112 @@
+"""Built-in tiny models and a BPE tokenizer trained on the fly, so nothing is downloaded.
+
+A built-in is named ``builtin:tiny-llama`` or ``builtin:tiny-qwen2``. ``materialize_builtin`` writes
+it once, in Hugging Face layout (config.json, model.safetensors, tokenizer files), into a directory
+of the run root; every later stage and every Ray worker loads that directory through the same code
+path as a real checkpoint, so all of them see identical weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+BUILTIN_PREFIX = "builtin:"
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# ChatML, as Qwen2 uses: the built-in tokenizer exercises the chat-template path.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# hidden 64, 2 layers: small enough for a CPU test in seconds, the real architectures all the same.
+_TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+)
+BUILTIN_CONFIGS = {
+    "tiny-llama": (LlamaConfig, LlamaForCausalLM),
+    "tiny-qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (no unknown tokens) with a ChatML chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def _tokenizer_texts() -> list[str]:
+    # The built-in tokenizer is trained on the demo corpus with a fixed seed, so it never depends
+    # on the user's corpus and the built-in model's fingerprint is stable across runs.
+    from spice_ray.corpus.demo import generate_demo_corpus
+
+    def strings(node: object) -> Iterable[str]:
+        if isinstance(node, str):
+            yield node
+        elif isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from strings(value)
+
+    return [text for row in generate_demo_corpus(n=600, seed=0) for text in strings(row)]
+
+
+def materialize_builtin(name: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """Write built-in model ``name`` ('builtin:tiny-llama' or 'tiny-llama') to ``out_dir``."""
+    key = name.removeprefix(BUILTIN_PREFIX)
+    if key not in BUILTIN_CONFIGS:
+        raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_CONFIGS)}")
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    config_cls, model_cls = BUILTIN_CONFIGS[key]
+    tokenizer = train_tokenizer(_tokenizer_texts())
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **_TINY,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
