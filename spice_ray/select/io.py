@@ -1,0 +1,94 @@
+"""Read the sketch parquet (a file or a directory of files) into one (N, d) float32 array.
+
+No Ray here: the selector actor, the report and the tests share this reader. Rows come back sorted
+by uid, the order selection indices refer to (ties in the greedy go to the smallest uid).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+log = logging.getLogger(__name__)
+
+
+def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def _parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The parquet files at ``path`` (itself, or every ``*.parquet`` below it, sorted)."""
+    fs, root = _filesystem(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"sketches not found: {path}")
+    if info.type == pafs.FileType.File:
+        return fs, [root]
+    files = sorted(
+        f.path
+        for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        if f.type == pafs.FileType.File
+        and f.base_name.endswith(".parquet")
+        and not f.base_name.startswith(("_", "."))
+    )
+    if not files:
+        raise FileNotFoundError(f"no .parquet files under {path}")
+    return fs, files
+
+
+def sketch_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A (fixed-size) list column of floats as one (N, d) float32 array, without per-row loops."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(arr)
+    if arr.null_count:
+        raise ValueError(f"sketch column has {arr.null_count} null rows")
+    if pa.types.is_fixed_size_list(arr.type):
+        d = arr.type.list_size
+    elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+        lengths = pc.list_value_length(arr)
+        if n == 0:
+            d = 0
+        else:
+            lo, hi = pc.min_max(lengths).values()
+            if lo.as_py() != hi.as_py():
+                raise ValueError(f"sketch rows have different lengths ({lo.as_py()}..{hi.as_py()})")
+            d = int(lo.as_py())
+    else:
+        raise TypeError(f"sketch column must be a list of floats, got {arr.type}")
+    values = arr.flatten()  # respects slicing offsets
+    if values.null_count:
+        raise ValueError("sketch column has null values inside rows")
+    if not pa.types.is_floating(values.type):
+        raise TypeError(f"sketch values must be floats, got {values.type}")
+    flat = values.to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.astype(np.float32, copy=False).reshape(n, d))
+
+
+def read_sketches(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(uids, G)`` from the sketch parquet at ``path``, rows sorted by uid.
+
+    ``uids`` is a 1-d array of str (object dtype), ``G`` an (N, d) float32 array. Duplicate uids are
+    an error (a sketch table holds one row per record).
+    """
+    fs, files = _parquet_files(path)
+    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["uid", "sketch"])
+    if table.num_rows:
+        order = pc.sort_indices(table, sort_keys=[("uid", "ascending")])
+        table = table.take(order)
+    uid_col = table.column("uid").combine_chunks()
+    if uid_col.null_count:
+        raise ValueError(f"{uid_col.null_count} sketch rows have a null uid")
+    if table.num_rows and pc.count_distinct(uid_col).as_py() != table.num_rows:
+        raise ValueError(f"duplicate uids in the sketches at {path}")
+    uids = uid_col.to_numpy(zero_copy_only=False)
+    G = sketch_matrix(table.column("sketch"))
+    log.info("read %d sketches (d=%d) from %d file(s) at %s", G.shape[0], G.shape[1], len(files), path)
+    return uids, G

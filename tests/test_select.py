@@ -1,0 +1,304 @@
+"""Greedy selection (SPICE, log-det, baselines) against a brute-force slogdet oracle; the selector actor."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spice_ray.select import Selection, logdet_of, read_sketches, select
+
+
+def brute_force_select(sketches: np.ndarray, k: int, *, alpha: float, lam: float) -> list[int]:
+    """Oracle: every step recomputes each candidate's log-det gain from scratch and its conflict
+    from the explicit mean of the selected sketches, then takes the argmax (smallest index on ties)."""
+    G = np.asarray(sketches, dtype=np.float64)
+    n, d = G.shape
+    picks: list[int] = []
+    for _ in range(min(k, n)):
+        F = G[picks].T @ G[picks] if picks else np.zeros((d, d))
+        base = np.linalg.slogdet(np.eye(d) + alpha * F)[1]
+        mean = G[picks].mean(axis=0) if picks else np.zeros(d)
+        best, best_score = -1, -np.inf
+        for i in range(n):
+            if i in picks:
+                continue
+            gain = np.linalg.slogdet(np.eye(d) + alpha * (F + np.outer(G[i], G[i])))[1] - base
+            ni, nm = np.linalg.norm(G[i]), np.linalg.norm(mean)
+            conflict = max(0.0, -float(G[i] @ mean) / (ni * nm)) if ni > 0 and nm > 0 else 0.0
+            score = gain - lam * conflict
+            if score > best_score:
+                best, best_score = i, score
+        picks.append(best)
+    return picks
+
+
+def problem(seed: int, n: int = 40, d: int = 8, *, anti: int = 6, scale: float = 1.0) -> np.ndarray:
+    """Random sketches around a shared mean direction, with some rows anti-aligned to it."""
+    rng = np.random.default_rng(seed)
+    mean = rng.normal(size=d)
+    mean /= np.linalg.norm(mean)
+    G = 0.8 * mean + 0.6 * rng.normal(size=(n, d))
+    flip = rng.choice(n, size=anti, replace=False)
+    G[flip] = -1.5 * mean + 0.3 * rng.normal(size=(anti, d))
+    return scale * G * rng.uniform(0.5, 1.5, size=(n, 1))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("lam", [0.0, 0.1, 1.0, 5.0])
+def test_greedy_matches_brute_force(seed: int, lam: float) -> None:
+    G = problem(seed)
+    sel = select(G, 10, method="spice", alpha=1.0, lam=lam)
+    assert sel.indices.tolist() == brute_force_select(G, 10, alpha=1.0, lam=lam)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_logdet_method_is_spice_with_lambda_zero(seed: int) -> None:
+    G = problem(seed)
+    a = select(G, 10, method="logdet", lam=5.0)
+    b = select(G, 10, method="spice", lam=0.0)
+    assert a.indices.tolist() == b.indices.tolist() == brute_force_select(G, 10, alpha=1.0, lam=0.0)
+    assert a.params["lam"] == 0.0 and np.allclose(a.scores, a.gains)
+
+
+def test_conflict_changes_picks() -> None:
+    differs = 0
+    for seed in range(4):
+        G = problem(seed)
+        spice = select(G, 10, method="spice", lam=5.0)
+        logdet = select(G, 10, method="logdet")
+        differs += spice.indices.tolist() != logdet.indices.tolist()
+        assert logdet.conflicts.max() > 0  # the log-det greedy does pick conflicting rows
+        assert spice.conflicts.sum() <= logdet.conflicts.sum()
+    assert differs >= 1
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "k", "alpha"),
+    [(12, 20, 8, 1.0), (12, 20, 12, 0.5), (30, 6, 15, 2.0), (25, 5, 25, 1.0)],
+)
+def test_shapes_n_below_d_and_k_above_d(n: int, d: int, k: int, alpha: float) -> None:
+    # k < d uses the factored inverse, k >= d the dense one; both must match the oracle.
+    G = problem(n + d + k, n=n, d=d, anti=3)
+    for lam in (0.0, 1.0):
+        sel = select(G, k, alpha=alpha, lam=lam)
+        assert sel.indices.tolist() == brute_force_select(G, k, alpha=alpha, lam=lam)
+        assert sel.logdet == pytest.approx(logdet_of(G, sel.indices, alpha), rel=1e-8)
+
+
+@pytest.mark.parametrize("method", ["spice", "logdet", "random", "gradnorm"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_trace_is_consistent(method: str, dtype: type) -> None:
+    G = problem(7, n=60, d=10).astype(dtype)
+    alpha, lam = 0.7, 0.3
+    sel = select(G, 15, method=method, alpha=alpha, lam=lam, seed=3)
+    assert isinstance(sel, Selection) and sel.indices.dtype == np.int64
+    assert len(set(sel.indices.tolist())) == len(sel) == 15
+    assert sel.logdet == pytest.approx(logdet_of(G, sel.indices, alpha), rel=1e-8)
+    # running log-dets are the direct log-dets of the prefixes, and increase
+    for t in (0, 4, 14):
+        assert sel.logdets[t] == pytest.approx(logdet_of(G, sel.indices[: t + 1], alpha), rel=1e-8)
+    assert np.all(np.diff(sel.logdets) > 0)
+    g64 = G.astype(np.float64)[sel.indices]
+    assert np.allclose(sel.bases, np.log1p(alpha * (g64 * g64).sum(1)))
+    assert np.all(sel.gains <= sel.bases + 1e-12) and sel.conflicts[0] == 0.0
+    assert np.all((sel.conflicts >= 0) & (sel.conflicts <= 1))
+    assert np.allclose(sel.scores, sel.gains - sel.params["lam"] * sel.conflicts)
+    # conflicts against the explicit mean of the earlier picks
+    for t in (3, 9):
+        mean = g64[:t].mean(0)
+        cos = g64[t] @ mean / (np.linalg.norm(g64[t]) * np.linalg.norm(mean))
+        assert sel.conflicts[t] == pytest.approx(max(0.0, -cos), abs=1e-6)
+    s = sel.summary()
+    assert s["k_selected"] == 15 and s["n_candidates"] == 60 and s["method"] == method
+    assert s["logdet"] == sel.logdet and s["stop_reason"] == "budget"
+    json.dumps(s)
+
+
+def test_logdet_gains_are_non_increasing() -> None:
+    for seed in range(3):
+        sel = select(problem(seed, n=80, d=12), 40, method="logdet")
+        assert np.all(np.diff(sel.gains) <= 1e-12)
+
+
+def test_early_stop() -> None:
+    # Three orthogonal directions with decreasing norms: gains log(1+9), log(1+4), log(1+1), log(1+0.25)
+    G = np.diag([3.0, 2.0, 1.0, 0.5])
+    gains = np.log1p(np.array([9.0, 4.0, 1.0, 0.25]))
+    omega = 0.4  # log(5)/log(10) = 0.70 > ω; log(2)/log(10) = 0.30 ≤ ω: stop before the third
+    sel = select(G, 4, method="logdet", omega=omega)
+    assert sel.stop_reason == "early_stop"
+    assert sel.indices.tolist() == [0, 1]
+    assert np.allclose(sel.gains, gains[:2])
+    assert sel.summary()["omega"] == omega and sel.summary()["k_selected"] == 2
+    # ω below every ratio: runs to the budget / exhausts the candidates
+    assert select(G, 3, omega=0.05).stop_reason == "budget"
+    assert select(G, 4, omega=0.05).stop_reason == "exhausted"
+    # exactly at the threshold stops too (Δ ≤ ω Δ_first)
+    at = select(G, 4, omega=float(gains[1] / gains[0]) + 1e-12)
+    assert at.indices.tolist() == [0] and at.stop_reason == "early_stop"
+
+
+def test_budget_exhausted() -> None:
+    G = problem(0, n=9, d=4)
+    for method in ("spice", "logdet", "random", "gradnorm"):
+        sel = select(G, 20, method=method)
+        assert sel.stop_reason == "exhausted" and sorted(sel.indices.tolist()) == list(range(9))
+        assert sel.summary()["k_requested"] == 20 and sel.summary()["k_selected"] == 9
+    assert select(G, 9).stop_reason == "exhausted"
+    assert select(G, 8).stop_reason == "budget"
+    empty = select(G, 0)
+    assert len(empty) == 0 and empty.logdet == 0.0 and empty.summary()["mean_gain"] == 0.0
+
+
+def test_ties_pick_smallest_index() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(4, 6))
+    G = np.concatenate([base, base, base])  # rows i, i+4, i+8 identical
+    for method, lam in (("logdet", 0.0), ("spice", 1.0)):
+        sel = select(G, 8, method=method, lam=lam)
+        assert sel.indices.tolist() == brute_force_select(G, 8, alpha=1.0, lam=lam)
+        for t, i in enumerate(sel.indices.tolist()):  # a copy is taken only after its earlier twins
+            assert all(j in sel.indices[:t] for j in range(i % 4, i, 4))
+    # all-equal rows: the first pick is row 0, the second its first duplicate
+    same = np.tile(rng.normal(size=(1, 5)), (6, 1))
+    assert select(same, 2).indices.tolist() == [0, 1]
+    assert select(same, 3, method="gradnorm").indices.tolist() == [0, 1, 2]
+
+
+def test_random_is_seeded() -> None:
+    G = problem(0)
+    a = select(G, 10, method="random", seed=5)
+    b = select(G, 10, method="random", seed=5)
+    c = select(G, 10, method="random", seed=6)
+    assert a.indices.tolist() == b.indices.tolist() != c.indices.tolist()
+    assert a.indices.tolist() == np.random.default_rng(5).permutation(40)[:10].tolist()
+    assert a.stop_reason == "budget" and a.params["seed"] == 5
+
+
+def test_gradnorm_picks_largest_norms() -> None:
+    G = problem(1)
+    sel = select(G, 10, method="gradnorm")
+    norms = np.linalg.norm(G, axis=1)
+    assert sel.indices.tolist() == np.argsort(-norms, kind="stable")[:10].tolist()
+    assert np.all(np.diff(norms[sel.indices]) <= 0)
+    assert norms[sel.indices].min() >= np.delete(norms, sel.indices).max()
+
+
+def test_zero_rows_do_not_produce_nan() -> None:
+    G = problem(2, n=20, d=5)
+    G[[0, 3, 7]] = 0.0
+    for method in ("spice", "logdet", "random", "gradnorm"):
+        sel = select(G, 20, method=method, lam=1.0)
+        for arr in (sel.gains, sel.bases, sel.conflicts, sel.scores, sel.logdets):
+            assert np.isfinite(arr).all()
+        assert sel.logdet == pytest.approx(logdet_of(G, sel.indices), rel=1e-8)
+    zeros = select(np.zeros((5, 3)), 3, lam=1.0)
+    assert zeros.indices.tolist() == [0, 1, 2] and zeros.logdet == 0.0
+    assert not np.any(zeros.conflicts)
+    # a selected set whose mean is exactly zero gives conflict 0, not NaN
+    v = np.array([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    assert np.isfinite(select(v, 3, lam=1.0).conflicts).all()
+
+
+def test_bad_arguments() -> None:
+    G = problem(0)
+    with pytest.raises(ValueError, match="unknown selection method"):
+        select(G, 3, method="nope")
+    with pytest.raises(ValueError):
+        select(G, -1)
+    with pytest.raises(ValueError):
+        select(G[0], 3)
+    with pytest.raises(ValueError, match="NaN"):
+        select(np.full((3, 2), np.nan), 1)
+
+
+def test_progress_bar_runs() -> None:
+    sel = select(problem(0), 5, progress=True)
+    assert len(sel) == 5
+
+
+def test_library_does_not_import_ray() -> None:
+    import subprocess
+
+    code = "import sys, spice_ray.select; print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _write_sketches(path, uids: list[str], G: np.ndarray, *, fixed: bool = True) -> None:
+    n, d = G.shape
+    values = pa.array(G.reshape(-1), type=pa.float32() if G.dtype == np.float32 else pa.float16())
+    sketch = pa.FixedSizeListArray.from_arrays(values, d) if fixed else pa.ListArray.from_arrays(
+        pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), values
+    )
+    table = pa.table(
+        {
+            "uid": pa.array(uids),
+            "sketch": sketch,
+            "loss": pa.array(np.ones(n, dtype=np.float32)),
+            "grad_norm": pa.array(np.linalg.norm(G.astype(np.float64), axis=1).astype(np.float32)),
+            "n_tokens": pa.array(np.full(n, 7, dtype=np.int32)),
+        }
+    )
+    pq.write_table(table, path)
+
+
+def test_read_sketches_sorts_and_handles_list_types(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    G = rng.normal(size=(30, 6)).astype(np.float32)
+    uids = [f"u{i:03d}" for i in rng.permutation(30)]
+    order = np.argsort(uids)
+    d1 = tmp_path / "dir"
+    d1.mkdir()
+    _write_sketches(d1 / "part-0.parquet", uids[:17], G[:17])
+    _write_sketches(d1 / "part-1.parquet", uids[17:], G[17:], fixed=False)
+    (d1 / "manifest.json").write_text("{}")  # non-parquet files in the folder are ignored
+    got_uids, got = read_sketches(str(d1))
+    assert got.dtype == np.float32 and got.shape == (30, 6)
+    assert got_uids.tolist() == sorted(uids)
+    assert np.array_equal(got, G[order])
+    # float16 sketches in a single file
+    _write_sketches(tmp_path / "h.parquet", uids, G.astype(np.float16))
+    _, half = read_sketches(str(tmp_path / "h.parquet"))
+    assert half.dtype == np.float32 and np.array_equal(half, G.astype(np.float16)[order].astype(np.float32))
+    _write_sketches(tmp_path / "dup.parquet", uids[:3] + uids[:1], G[:4])
+    with pytest.raises(ValueError, match="duplicate"):
+        read_sketches(str(tmp_path / "dup.parquet"))
+
+
+@pytest.mark.slow
+def test_selector_actor_matches_direct_select(ray_session, tmp_path) -> None:
+    from spice_ray.config import SelectConfig
+    from spice_ray.select.actor import run_select_stage
+
+    rng = np.random.default_rng(1)
+    n = 120
+    G = problem(11, n=n, d=16).astype(np.float32)
+    uids = [f"{rng.integers(1 << 60):016x}" for _ in range(n)]
+    sketches = tmp_path / "sketches"
+    sketches.mkdir()
+    _write_sketches(sketches / "part-0.parquet", uids[:70], G[:70])
+    _write_sketches(sketches / "part-1.parquet", uids[70:], G[70:])
+    cfg = SelectConfig(method="spice", fraction=0.1, lam=0.5)
+    out = tmp_path / "selection"
+
+    summary = run_select_stage(str(sketches), str(out), cfg)
+
+    order = np.argsort(uids)
+    direct = select(G[order], cfg.budget(n), method="spice", alpha=cfg.alpha, lam=cfg.lam)
+    table = pq.read_table(out / "selection.parquet")
+    assert table.column_names == ["uid", "rank", "gain", "base", "conflict", "score", "logdet"]
+    assert table.column("uid").to_pylist() == [uids[i] for i in order[direct.indices]]
+    assert table.column("rank").to_pylist() == list(range(12))
+    assert np.allclose(table.column("gain").to_numpy(), direct.gains)
+    assert summary["k_selected"] == 12 and summary["stop_reason"] == "budget"
+    assert summary["logdet"] == pytest.approx(direct.logdet, rel=1e-12)
+    assert summary["logdet"] == pytest.approx(logdet_of(G[order], direct.indices), rel=1e-8)
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk["logdet"] == summary["logdet"] and on_disk["method"] == "spice"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
