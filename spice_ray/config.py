@@ -47,9 +47,9 @@ class ModelConfig(_Section):
         None, description="Tokenizer path or hub id; default: the model's own (built-ins share one)."
     )
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained; off unless asked.")
-    lora_r: int = Field(8, gt=0)
-    lora_alpha: float = Field(16.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout in training (sketches run without).")
     lora_target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
         description="Linear layers that get LoRA adapters (and so gradients).",
@@ -65,7 +65,7 @@ class SketchConfig(_Section):
     loss: Literal["response", "all"] = Field("response", description="Tokens the loss is averaged over.")
     batch_size: int = Field(8, gt=0, description="Records per forward/backward.")
     num_workers: int = Field(1, gt=0, description="Sketch actors (one GPU each when GPUs exist).")
-    num_cpus_per_worker: float = Field(0.5, gt=0)
+    num_cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per sketch actor (0.5 leaves room for reads).")
     num_gpus_per_worker: float | None = Field(
         None, ge=0, description="GPUs per sketch actor; None: 1 if the cluster has GPUs, else 0."
     )
@@ -75,7 +75,9 @@ class SketchConfig(_Section):
 class SelectConfig(_Section):
     """Greedy selection over the sketches."""
 
-    method: Literal["spice", "logdet", "random", "gradnorm"] = "spice"
+    method: Literal["spice", "logdet", "random", "gradnorm"] = Field(
+        "spice", description="spice | logdet (λ = 0) | random | gradnorm (top-k ‖g‖)."
+    )
     fraction: float | None = Field(0.1, gt=0, le=1, description="Budget as a fraction of the records.")
     k: int | None = Field(None, gt=0, description="Budget as a count; overrides fraction when set.")
     alpha: float = Field(1.0, gt=0, description="α in log det(I + α Σ g gᵀ).")
@@ -104,29 +106,29 @@ class SelectConfig(_Section):
 class TrainConfig(_Section):
     """Fine-tuning of the target model on the selection (Ray Train + DeepSpeed)."""
 
-    num_workers: int = Field(2, gt=0)
-    cpus_per_worker: float = Field(0.5, gt=0)
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (one GPU each when used).")
+    cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per train worker.")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
-    zero_stage: Literal[2, 3] = 2
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     lora: bool = Field(True, description="Train LoRA adapters (merged at export) or all weights.")
-    epochs: int = Field(1, gt=0)
+    epochs: int = Field(1, gt=0, description="Passes over the selection.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(4, gt=0, description="Records per worker per forward/backward.")
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
+    grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     checkpoint_every: int = Field(50, gt=0, description="Optimizer steps between checkpoints.")
-    seed: int = 0
+    seed: int = Field(0, description="Seed of training (init, data order).")
 
 
 class RunSection(_Section):
     """Where a run lives and which stages it runs."""
 
-    root: str = Field("runs/demo", description="Run root: a local path (or s3://, gs:// URI).")
+    root: str = Field("runs/demo", description="Run root directory (absolute on a multi-node cluster).")
     ray_address: str | None = Field(None, description="Ray address; None: the job's cluster or local.")
     stages: list[Literal["ingest", "sketch", "select", "train"]] = Field(
-        default_factory=lambda: ["ingest", "sketch", "select", "train"]
+        default_factory=lambda: ["ingest", "sketch", "select", "train"], description="Stages `run` runs, in order."
     )
 
 
@@ -205,3 +207,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML (what the run root keeps as config.yaml)."""
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def config_reference_markdown() -> str:
+    """The config reference table of the README, generated from the models (a test keeps it in sync)."""
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    defaults = Config().model_dump(mode="json")
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        for key, sub in model.model_fields.items():  # type: ignore[union-attr]
+            default = json.dumps(defaults[section][key])
+            rows.append(f"| `{section}.{key}` | `{default}` | {sub.description or ''} |")
+    return "\n".join(rows)
+
+
+def _update_readme(readme: Path) -> None:
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    text = readme.read_text()
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + config_reference_markdown() + "\n" + end + tail)
+
+
+if __name__ == "__main__":  # python -m spice_ray.config: refresh the README's config reference
+    _update_readme(Path(__file__).resolve().parents[1] / "README.md")
