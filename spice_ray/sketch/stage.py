@@ -23,7 +23,7 @@ def run_sketch_stage(cfg: Config, *, records_path: str, model_path: str, tokeniz
     """Sketch every record; write ``out_dir/sketches/*.parquet``. Returns counts for the manifest."""
     s = cfg.sketch
     num_gpus = s.num_gpus_per_worker if s.num_gpus_per_worker is not None else (1 if cluster_has_gpus() else 0)
-    ds = ray.data.read_parquet(records_path, columns=["uid", "messages", "n_tokens"])
+    ds = ray.data.read_parquet(records_path).select_columns(["uid", "messages", "n_tokens"])
     n_records = ds.count()
     # Sorting by length groups records of similar length into a batch (little padding); the
     # repartition spreads the work over the actors (one parquet file would be one block).
@@ -52,7 +52,7 @@ def run_sketch_stage(cfg: Config, *, records_path: str, model_path: str, tokeniz
     sketches.write_parquet(str(tmp))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    n_sketches = ray.data.read_parquet(str(final), columns=["uid"]).count()
+    n_sketches = ray.data.read_parquet(str(final)).count()
     if n_sketches != n_records:
         raise RuntimeError(f"sketch stage wrote {n_sketches} rows for {n_records} records")
     logger.info("sketched %d records with %d actor(s), d=%d", n_records, s.num_workers, s.dim)

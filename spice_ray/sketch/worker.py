@@ -14,7 +14,7 @@ import pyarrow as pa
 import torch
 
 from spice_ray.config import ModelConfig, SketchConfig
-from spice_ray.corpus.tokenize import encode, pad_batch
+from spice_ray.corpus.tokenize import encode_batch, pad_batch
 from spice_ray.models import add_lora, load_causal_lm, load_tokenizer
 from spice_ray.sketch.gradients import GradientSketcher
 
@@ -63,10 +63,9 @@ class SketchWorker:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         uids = batch.column("uid").to_pylist()
-        encoded = [
-            encode(self.tokenizer, messages, max_tokens=self.max_tokens, loss_on=self.sketch_cfg.loss)
-            for messages in batch.column("messages").to_pylist()
-        ]
+        encoded = encode_batch(
+            self.tokenizer, batch.column("messages").to_pylist(), max_tokens=self.max_tokens, loss_on=self.sketch_cfg.loss
+        )
         tensors = {k: v.to(self.device) for k, v in pad_batch(encoded, self.tokenizer.pad_token_id).items()}
         out = self.sketcher(tensors["input_ids"], tensors["labels"], tensors["attention_mask"])
         np_dtype = np.float16 if self.sketch_cfg.dtype == "float16" else np.float32

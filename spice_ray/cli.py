@@ -1,0 +1,106 @@
+"""The ``spice-ray`` command line (also ``python -m spice_ray``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from spice_ray.config import Config, ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPICE data selection and fine-tuning on Ray.")
+console = Console()
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file (default: built-in defaults).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override: section.key=value (repeatable).")]
+RootOpt = Annotated[str | None, typer.Option("--root", help="Run root (same as --set run.root=...).")]
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("SPICE_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def _load(config: Path | None, overrides: list[str] | None, root: str | None) -> Config:
+    items = list(overrides or [])
+    if root is not None:
+        items.append(f"run.root={root}")
+    try:
+        return load_config(config, items)
+    except ConfigError as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(2) from None
+
+
+def _run(cfg: Config, stages: list[str] | None) -> dict[str, Any]:
+    from spice_ray.pipeline import run_pipeline
+
+    _setup_logging()
+    return run_pipeline(cfg, stages=stages)
+
+
+def _print_summary(cfg: Config, outcomes: dict[str, Any]) -> None:
+    console.rule("spice-ray run summary")
+    for name, outcome in outcomes.items():
+        r = outcome.manifest.get("result", {})
+        state = "skipped (done earlier)" if outcome.skipped else f"{outcome.manifest.get('seconds', 0):.1f}s"
+        if name == "ingest":
+            line = f"{r['n_in']} rows in, {r['n_kept']} kept, {r['n_quarantined']} quarantined {r['reasons']}"
+        elif name == "sketch":
+            line = f"{r['n_sketches']} sketches, d={cfg.sketch.dim}"
+        elif name == "select":
+            frac = r["k_selected"] / max(1, r["n_candidates"])
+            line = (
+                f"{r['method']}: {r['k_selected']} of {r['n_candidates']} ({frac:.1%}), "
+                f"log det {r['logdet']:.3f}, mean conflict {r['mean_conflict']:.4f}, stop: {r['stop_reason']}"
+            )
+        elif name == "train":
+            line = f"{r['steps']} steps, final loss {r['loss']:.4f}, model: {r['model']}"
+        else:
+            line = f"proxy {r.get('proxy')}"
+        console.print(f"[bold]{name:<7}[/bold] {state:<24} {line}")
+
+
+@app.command()
+def run(config: ConfigOpt = None, set_: SetOpt = None, root: RootOpt = None) -> None:
+    """Run every configured stage (ingest → sketch → select → train); finished stages are skipped."""
+    cfg = _load(config, set_, root)
+    _print_summary(cfg, _run(cfg, None))
+
+
+def _stage_command(stage: str):
+    def command(config: ConfigOpt = None, set_: SetOpt = None, root: RootOpt = None) -> None:
+        cfg = _load(config, set_, root)
+        _print_summary(cfg, _run(cfg, [stage]))
+
+    command.__doc__ = f"Run the {stage} stage only (its inputs must have finished)."
+    return command
+
+
+for _stage in ("ingest", "sketch", "select", "train"):
+    app.command(name=_stage)(_stage_command(_stage))
+
+
+@app.command()
+def demo(set_: SetOpt = None, root: RootOpt = None) -> None:
+    """The whole pipeline on a generated corpus with the built-in tiny model, on local Ray."""
+    cfg = _load(None, set_, root)
+    outcomes = _run(cfg, None)
+    _print_summary(cfg, outcomes)
+    console.print(f"run root: {Path(cfg.run.root).resolve()}")
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (defaults, file and overrides) as YAML."""
+    from spice_ray.config import dump_config
+
+    console.print(dump_config(_load(config, set_, None)), end="")
+
+
+def main() -> None:
+    app()
