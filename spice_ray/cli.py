@@ -91,7 +91,41 @@ def demo(set_: SetOpt = None, root: RootOpt = None) -> None:
     cfg = _load(None, set_, root)
     outcomes = _run(cfg, None)
     _print_summary(cfg, outcomes)
+    from spice_ray.report import write_report
+
     console.print(f"run root: {Path(cfg.run.root).resolve()}")
+    console.print(f"report:   {write_report(cfg.run.root)}")
+
+
+@app.command()
+def report(
+    run_root: Annotated[Path, typer.Argument(help="The run root to report on.")],
+    no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip re-running the baselines.")] = False,
+) -> None:
+    """Write <run>/report/index.html (self-contained) and summary.md."""
+    from spice_ray.report import write_report
+
+    _setup_logging()
+    if not run_root.is_dir():
+        console.print(f"[red]error:[/red] no run at {run_root}")
+        raise typer.Exit(2)
+    baselines: tuple[str, ...] = () if no_baselines else ("spice", "logdet", "random", "gradnorm")
+    console.print(f"report: {write_report(run_root, baselines=baselines)}")
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(help="First run root.")],
+    run_b: Annotated[Path, typer.Argument(help="Second run root.")],
+) -> None:
+    """What changed between two runs: selection overlap, source mix, log det, eval."""
+    from spice_ray.report import compare_runs
+
+    for run_root in (run_a, run_b):
+        if not run_root.is_dir():
+            console.print(f"[red]error:[/red] no run at {run_root}")
+            raise typer.Exit(2)
+    console.print(compare_runs(run_a, run_b))
 
 
 @app.command("config")

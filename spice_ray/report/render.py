@@ -1,0 +1,636 @@
+"""Build the selection report of a run root: ``report/index.html`` (self-contained), ``summary.md``
+and one PNG per figure, all under ``<root>/report/``.
+
+The HTML inlines its CSS and its images (base64 ``data:`` URIs) and loads nothing else: it opens
+from a file, an artifact store or an e-mail attachment the same way, without JavaScript.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from spice_ray.report import analysis, plots
+from spice_ray.report.artifacts import RunArtifacts, finite, load_run
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+INDEX = "index.html"
+SUMMARY_MD = "summary.md"
+TEXT_LIMIT = 400  # characters of prompt/response shown per example
+TEXT_LINES = 8  # lines of prompt/response shown per example
+NOT_RUN = "not run"
+
+
+@dataclass
+class ReportData:
+    """Every number and figure of the report (what both renderers draw from)."""
+
+    run: RunArtifacts
+    stages: list[dict[str, Any]]
+    reasons: dict[str, int]
+    quarantine_examples: list[dict[str, Any]]
+    source_mix: list[dict[str, Any]] | None
+    lengths: dict[str, Any] | None
+    gain: dict[str, Any] | None
+    logdet: dict[str, Any] | None
+    diagnostics: dict[str, Any] | None
+    examples: dict[str, list[dict[str, Any]]] | None
+    train: dict[str, Any] | None
+    eval: list[tuple[str, Any]] | None
+    figures: dict[str, bytes] = field(default_factory=dict)  # file name -> PNG
+
+
+def build_report(
+    run_root: str | Path,
+    *,
+    baselines: Sequence[str] = analysis.BASELINE_METHODS,
+    n_examples: int = 5,
+    max_gflop: float = analysis.MAX_GFLOP,
+) -> ReportData:
+    """Read the run root and compute the report's contents (no files written)."""
+    run = load_run(run_root)
+    data = ReportData(
+        run=run,
+        stages=analysis.stage_counts(run),
+        reasons=run.quarantine_reasons(),
+        quarantine_examples=run.quarantine_examples(),
+        source_mix=analysis.source_mix(run),
+        lengths=analysis.token_lengths(run),
+        gain=analysis.gain_curve(run),
+        logdet=analysis.logdet_curves(run, baselines, max_gflop=max_gflop),
+        diagnostics=analysis.diagnostics(run),
+        examples=analysis.examples(run, n_examples),
+        train=analysis.train_curve(run),
+        eval=analysis.eval_rows(run),
+    )
+    figs = {
+        "source_mix.png": plots.source_mix_plot(data.source_mix),
+        "token_lengths.png": plots.token_length_plot(data.lengths),
+        "gain_decay.png": plots.gain_plot(data.gain),
+        "conflict.png": plots.conflict_plot(run.column("conflict")),
+        "logdet_vs_k.png": plots.logdet_plot(data.logdet if data.logdet and "curves" in data.logdet else None),
+        "train_loss.png": plots.train_plot(data.train),
+    }
+    data.figures = {k: v for k, v in figs.items() if v is not None}
+    return data
+
+
+def write_report(
+    run_root: str | Path,
+    *,
+    baselines: Sequence[str] = analysis.BASELINE_METHODS,
+    max_gflop: float = analysis.MAX_GFLOP,
+) -> Path:
+    """Write ``<root>/report/index.html``, ``summary.md`` and the PNGs; return the HTML's path.
+
+    ``baselines``: the methods whose log det vs k is recomputed on the run's sketches with the
+    run's α, λ, seed and k. A greedy method costs about what the select stage did; one estimated
+    above ``max_gflop`` is skipped (the run's own method then uses its selection.parquet trace).
+    Pass ``baselines=()`` to skip the comparison altogether.
+    """
+    data = build_report(run_root, baselines=baselines, max_gflop=max_gflop)
+    out = data.run.root / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("source_mix.png", "token_lengths.png", "gain_decay.png", "conflict.png", "logdet_vs_k.png", "train_loss.png"):
+        if name in data.figures:
+            _write_atomic(out / name, data.figures[name])
+        elif (out / name).exists():
+            (out / name).unlink()  # a figure from an earlier report whose data is gone
+    _write_atomic(out / SUMMARY_MD, render_markdown(data).encode())
+    index = out / INDEX
+    _write_atomic(index, render_html(data).encode())
+    log.info("report written to %s", index)
+    return index
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# formatting
+
+
+def fmt(v: Any, digits: int = 4) -> str:
+    """Numbers as the report shows them: ints with thousands separators, floats to ``digits``."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if v != 0 and (abs(v) < 10 ** -digits or abs(v) >= 1e7):
+            return f"{v:.{digits}g}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def param(v: Any) -> str:
+    """A selection parameter (α, λ, ω) as written: 1, 0.1, — for unset."""
+    x = finite(v)
+    return "—" if x is None else f"{x:g}"
+
+
+def pct(v: float | None) -> str:
+    return "—" if v is None else f"{v:.1%}"
+
+
+def _truncate(text: str | None, limit: int = TEXT_LIMIT, max_lines: int = TEXT_LINES) -> str:
+    """At most ``limit`` characters and ``max_lines`` lines, with "…" where something was cut."""
+    if text is None:
+        return ""
+    text = str(text)
+    lines = text.split("\n")
+    if len(lines) > max_lines:
+        text = "\n".join(lines[:max_lines]) + "\n…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _h(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _md(x: Any) -> str:
+    """A Markdown table cell: pipes escaped, newlines folded, raw HTML neutralised."""
+    s = str(x).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return s.replace("|", "\\|").replace("\r", "").replace("\n", " ⏎ ")
+
+
+DIAG_LABELS = {
+    "steps": "greedy steps",
+    "gain_first": "Δ at first pick",
+    "gain_last": "Δ at last pick",
+    "gain_decay": "Δ_last / Δ_first",
+    "eps_mean": "ε = Δ − b: mean",
+    "eps_median": "ε: median",
+    "eps_min": "ε: min",
+    "eps_max": "ε: max",
+    "bound_holds_frac": "steps with Δ ≤ b (ε ≤ 0)",
+    "spearman_conflict_gain": "Spearman ρ(conflict, Δ) over picks",
+    "spearman_scipy": "ρ computed with scipy",
+    "conflict_mean": "mean conflict",
+    "conflict_nonzero_frac": "picks with conflict > 0",
+}
+
+
+def _diag_value(key: str, v: Any) -> str:
+    """Fractions (``*_frac``, ``*holds*``, ``*fraction*``) as percentages, the rest as numbers."""
+    low = key.lower()
+    if isinstance(v, float) and not isinstance(v, bool) and (low.endswith("_frac") or "holds" in low or "fraction" in low):
+        return pct(v) if 0.0 <= v <= 1.0 else fmt(v)
+    return fmt(v)
+
+
+# ---------------------------------------------------------------------------------------------------
+# HTML
+
+CSS = """
+:root { --fg:#212529; --muted:#6c757d; --line:#dee2e6; --accent:#d9480f; --bg:#f8f9fa; }
+* { box-sizing: border-box; }
+body { margin:0; font: 15px/1.5 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
+       color:var(--fg); background:#fff; }
+main { max-width: 1120px; margin: 0 auto; padding: 24px 28px 64px; }
+header { border-bottom: 3px solid var(--accent); padding-bottom: 10px; margin-bottom: 18px; }
+h1 { font-size: 26px; margin: 0 0 4px; }
+h2 { font-size: 20px; margin: 34px 0 10px; padding-top: 6px; border-top: 1px solid var(--line); }
+h3 { font-size: 16px; margin: 18px 0 8px; }
+.muted, .sub { color: var(--muted); font-size: 13px; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 12.5px;
+       background: var(--bg); padding: 1px 4px; border-radius: 3px; }
+nav { font-size: 13px; margin: 8px 0 0; }
+nav a { color: var(--accent); text-decoration: none; margin-right: 12px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(160px, 1fr)); gap: 10px; margin: 16px 0; }
+.card { background: var(--bg); border: 1px solid var(--line); border-radius: 6px; padding: 10px 12px; }
+.card .v { font-size: 21px; font-weight: 600; }
+.card .s { font-size: 12px; color: var(--muted); overflow-wrap: anywhere; }
+.card .k { font-size: 12.5px; color: var(--muted); font-weight: 600; }
+table { border-collapse: collapse; margin: 8px 0 14px; font-size: 13.5px; }
+th, td { border-bottom: 1px solid var(--line); padding: 5px 10px; text-align: left; vertical-align: top; }
+th { background: var(--bg); font-weight: 600; }
+td.n, th.n { text-align: right; font-variant-numeric: tabular-nums; }
+tr:nth-child(even) td { background: #fcfcfd; }
+.status { font-size: 12px; font-weight: 600; padding: 1px 7px; border-radius: 9px; white-space: nowrap; }
+.status.done { background: #d3f9d8; color: #2b8a3e; }
+.status.notrun { background: #f1f3f5; color: #868e96; }
+.status.other { background: #fff3bf; color: #946800; }
+p.notrun { color: var(--muted); font-style: italic; background: var(--bg); border-left: 3px solid var(--line);
+           padding: 8px 12px; }
+figure { margin: 10px 0 18px; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+figcaption { font-size: 12.5px; color: var(--muted); }
+.grid2 { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
+@media (max-width: 900px) { .grid2 { grid-template-columns: 1fr; } }
+.ex { border: 1px solid var(--line); border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
+.ex .meta { font-size: 12px; color: var(--muted); margin-bottom: 4px; }
+.ex .t { white-space: pre-wrap; word-break: break-word; font-size: 13px; margin: 2px 0; }
+.ex .role { font-weight: 600; color: var(--accent); font-size: 12px; }
+footer { margin-top: 40px; font-size: 12px; color: var(--muted); }
+"""
+
+
+def _status_badge(status: str) -> str:
+    cls = "done" if status == "done" else "notrun" if status == NOT_RUN else "other"
+    return f'<span class="status {cls}">{_h(status)}</span>'
+
+
+def _table(headers: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
+    numeric = numeric or set()
+    head = "".join(f'<th class="n">{_h(h)}</th>' if i in numeric else f"<th>{_h(h)}</th>" for i, h in enumerate(headers))
+    body = []
+    for r in rows:
+        cells = "".join(
+            f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r)
+        )
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _img(data: ReportData, name: str, alt: str, caption: str = "") -> str:
+    png = data.figures.get(name)
+    if png is None:
+        return ""
+    b64 = base64.b64encode(png).decode("ascii")
+    cap = f"<figcaption>{_h(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{_h(alt)}" src="data:image/png;base64,{b64}">{cap}</figure>'
+
+
+def _not_run(what: str) -> str:
+    return f'<p class="notrun">{_h(what)}: {NOT_RUN}</p>'
+
+
+def _cards(data: ReportData) -> str:
+    st = {r["stage"]: r for r in data.stages}
+    s = data.run.summary
+    cards = []
+
+    def card(k: str, v: str, sub: str = "") -> None:
+        extra = f'<div class="s">{_h(sub)}</div>' if sub else ""
+        cards.append(f'<div class="card"><div class="k">{_h(k)}</div><div class="v">{_h(v)}</div>{extra}</div>')
+
+    ing = st["ingest"]
+    card("records kept", fmt(ing["n_kept"]) if ing["n_kept"] is not None else NOT_RUN)
+    card("quarantined", fmt(ing["n_quarantined"]) if ing["n_quarantined"] is not None else NOT_RUN)
+    sel = st["select"]
+    if sel["k_selected"] is not None:
+        frac = f" ({int(sel['k_selected']) / int(sel['n_candidates']):.1%})" if sel["n_candidates"] else ""
+        card("selected", fmt(sel["k_selected"]), f"of {fmt(sel['n_candidates'])}{frac}")
+        card("final log det", fmt(finite(s.get("logdet"))))
+        card("stop reason", str(s.get("stop_reason", "—")))
+    else:
+        card("selected", NOT_RUN)
+    tr = st["train"]
+    card("final train loss", fmt(tr["loss"]) if tr["loss"] is not None else NOT_RUN)
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def render_html(data: ReportData) -> str:
+    run = data.run
+    s = run.summary
+    name = run.root.name
+    parts: list[str] = []
+    add = parts.append
+    sections = [("stages", "Stages"), ("quarantine", "Quarantine"), ("sources", "Source mix"),
+                ("lengths", "Token lengths"), ("trace", "Selection trace"), ("logdet", "log det vs baselines"),
+                ("diagnostics", "Diagnostics"), ("examples", "Examples"), ("train", "Training"), ("eval", "Eval")]
+    params = ""
+    if s:
+        params = (f"method <code>{_h(s.get('method', '?'))}</code>, α = {param(s.get('alpha'))}, "
+                  f"λ = {param(s.get('lam'))}, ω = {param(s.get('omega'))}")
+    nav = "".join('<a href="#' + a + '">' + _h(t) + "</a>" for a, t in sections)
+    sub = f"run root <code>{_h(run.root)}</code>" + (" · " + params if params else "")
+    add(f'<header><h1>SPICE selection report: {_h(name)}</h1><div class="sub">{sub}</div><nav>{nav}</nav></header>')
+    add(_cards(data))
+    if run.errors:
+        add('<p class="notrun">unreadable artifacts: ' + _h("; ".join(run.errors)) + "</p>")
+
+    # stages
+    add('<h2 id="stages">Stages</h2>')
+    add(_table(["stage", "status", "counts"], [[_h(r["stage"]), _status_badge(r["status"]), _h(r["detail"])] for r in data.stages]))
+
+    # quarantine
+    add('<h2 id="quarantine">Quarantine</h2>')
+    if data.reasons or data.quarantine_examples:
+        total = sum(data.reasons.values())
+        rows = [[f"<code>{_h(k)}</code>", fmt(v), pct(v / total if total else None)]
+                for k, v in sorted(data.reasons.items(), key=lambda kv: (-kv[1], kv[0]))]
+        add(_table(["reason", "rows", "share"], rows, numeric={1, 2}))
+        if data.quarantine_examples:
+            add("<h3>Examples</h3>")
+            add(_table(["file", "line", "reason", "detail"], [
+                [f"<code>{_h(Path(str(r.get('file', ''))).name)}</code>", fmt(r.get("line")),
+                 f"<code>{_h(r.get('reason', ''))}</code>", _h(_truncate(r.get("detail"), 160))]
+                for r in data.quarantine_examples], numeric={1}))
+    elif run.stages["ingest"].status == NOT_RUN and run.records is None:
+        add(_not_run("ingest"))
+    else:
+        add('<p class="muted">No row was quarantined.</p>')
+
+    # source mix
+    add('<h2 id="sources">Source mix</h2>')
+    if data.source_mix:
+        add(_img(data, "source_mix.png", "source mix", "Share of records per source in the corpus and in the selection."))
+        rows = []
+        for r in data.source_mix:
+            rows.append([_h(r["source"]), fmt(r["corpus"]), pct(r["corpus_share"]),
+                         fmt(r["selected"]), pct(r["selected_share"]), fmt(r["lift"], 2)])
+        tot_c = sum(r["corpus"] for r in data.source_mix)
+        tot_s = sum(r["selected"] or 0 for r in data.source_mix) if data.source_mix[0]["selected"] is not None else None
+        rows.append(["<b>total</b>", f"<b>{fmt(tot_c)}</b>", "100.0%", f"<b>{fmt(tot_s)}</b>",
+                     "100.0%" if tot_s else "—", ""])
+        add(_table(["source", "corpus", "corpus share", "selected", "selected share", "lift"], rows, numeric={1, 2, 3, 4, 5}))
+        add('<p class="muted">lift = selected share / corpus share.</p>')
+    else:
+        add(_not_run("ingest"))
+
+    # token lengths
+    add('<h2 id="lengths">Token lengths</h2>')
+    if data.lengths:
+        add(_img(data, "token_lengths.png", "token length histogram"))
+        rows = []
+        for label, st in (("all", data.lengths["stats_all"]), ("selected", data.lengths["stats_selected"])):
+            if st:
+                rows.append([label, fmt(st["n"]), fmt(st["mean"], 1), fmt(st["median"], 1), fmt(st["p90"], 1), fmt(st["max"], 0)])
+            else:
+                rows.append([label, NOT_RUN, "", "", "", ""])
+        add(_table(["records", "n", "mean", "median", "p90", "max"], rows, numeric={1, 2, 3, 4, 5}))
+    else:
+        add(_not_run("ingest"))
+
+    # selection trace
+    add('<h2 id="trace">Selection trace</h2>')
+    if data.gain:
+        g = data.gain
+        note = f"stop reason: <code>{_h(g['stop_reason'])}</code>"
+        if g["early_stop_at"] is not None:
+            note += f" after {fmt(g['early_stop_at'])} picks (of {fmt(g['k_requested'])} requested)"
+        if g["threshold"] is not None:
+            note += f"; threshold ω·Δ_first = {fmt(g['threshold'])}"
+        add(f"<p>{note}</p>")
+        add('<div class="grid2">')
+        add(_img(data, "gain_decay.png", "marginal gain decay", "Gain Δ of each pick, against its base b."))
+        add(_img(data, "conflict.png", "conflict over steps", "Conflict c of each pick with the mean sketch of the picks before it."))
+        add("</div>")
+        add(_table(["selected", "final log det", "mean gain", "mean conflict", "stop reason"], [[
+            fmt(s.get("k_selected", run.selection.num_rows)), fmt(finite(s.get("logdet"))), fmt(finite(s.get("mean_gain"))),
+            fmt(finite(s.get("mean_conflict"))), _h(s.get("stop_reason", "—"))]], numeric={0, 1, 2, 3}))
+    else:
+        add(_not_run("select"))
+
+    # log det vs baselines
+    add('<h2 id="logdet">log det vs k: SPICE and baselines</h2>')
+    ld = data.logdet
+    if ld and "curves" in ld:
+        add(_img(data, "logdet_vs_k.png", "log det vs k",
+                 f"Every method run by spice_ray.select.select on the same sketches, k = {ld['k']:,}, "
+                 f"α = {ld['alpha']:g}, λ = {ld['lam']:g}, seed = {ld['seed']}."))
+        ref = ld["final"].get("spice")
+        rows = []
+        for m, v in ld["final"].items():
+            rel = f"{v / ref:.3f}" if ref else "—"
+            how = "" if ld["origin"].get(m) == "recomputed" else f' <span class="muted">({_h(ld["origin"].get(m))})</span>'
+            rows.append([f"<code>{_h(m)}</code>{how}", fmt(ld["k"]), fmt(v), rel, fmt(ld["mean_conflict"][m])])
+        for m, why in ld["skipped"].items():
+            rows.append([f"<code>{_h(m)}</code>", fmt(ld["k"]), f'<span class="muted">skipped: {_h(why)}</span>', "", ""])
+        if ld.get("run_logdet") is not None:
+            rows.append([f"this run (<code>{_h(ld.get('run_method'))}</code>, summary.json)", fmt(s.get("k_selected")),
+                         fmt(ld["run_logdet"]), f"{ld['run_logdet'] / ref:.3f}" if ref else "—",
+                         fmt(finite(s.get("mean_conflict")))])
+        add(_table(["method", "k", "log det", "/ spice", "mean conflict"], rows, numeric={1, 2, 3, 4}))
+    elif ld and "error" in ld:
+        add(f'<p class="notrun">baselines not computed: {_h(ld["error"])}</p>')
+    elif run.sketches_path is None:
+        add(_not_run("sketch"))
+    else:
+        add('<p class="notrun">baselines not computed (disabled)</p>')
+
+    # diagnostics
+    add('<h2 id="diagnostics">Diagnostics</h2>')
+    dg = data.diagnostics
+    if dg:
+        if dg["headline"]:
+            cards = "".join(
+                f'<div class="card"><div class="k">{_h(h["label"])}</div>'
+                f'<div class="v">{_h(pct(finite(h["value"])) if h["kind"] == "fraction" else fmt(finite(h["value"])))}</div>'
+                f'<div class="s">{_h(h["key"])}</div></div>'
+                for h in dg["headline"]
+            )
+            add(f'<div class="cards">{cards}</div>')
+        add('<div class="grid2">')
+        if dg["summary"]:
+            add("<div><h3>From select/summary.json</h3>")
+            add(_table(["key", "value"], [[f"<code>{_h(k)}</code>", _h(_diag_value(k, v))] for k, v in dg["summary"].items()], numeric={1}))
+            add("</div>")
+        if dg["computed"]:
+            add("<div><h3>From the selection trace (selection.parquet)</h3>")
+            add(_table(["quantity", "value"], [[_h(DIAG_LABELS.get(k, k)), _h(_diag_value(k, v))] for k, v in dg["computed"].items()], numeric={1}))
+            add("</div>")
+        add("</div>")
+        if dg["computed"]:
+            add('<p class="muted">ε = Δ − b with b = log(1 + α‖g‖²); Δ ≤ b always holds in exact arithmetic '
+                "(the selected set only shrinks a candidate's gain). ρ is over the picks in order; "
+                "conflict is 0 for the first pick.</p>")
+        if dg["engine"]:
+            add('<p class="muted">selection engine: ' + _h(", ".join(f"{k} {fmt(v)}" for k, v in dg["engine"].items())) + "</p>")
+    else:
+        add(_not_run("select"))
+
+    # examples
+    add('<h2 id="examples">Top and bottom selected examples by score</h2>')
+    if data.examples:
+        for title, key in (("Highest score (Δ − λc)", "top"), ("Lowest score among the selected", "bottom")):
+            if not data.examples[key]:
+                continue
+            add(f"<h3>{_h(title)}</h3>")
+            for ex in data.examples[key]:
+                meta = (f"rank {ex['rank']} · score {fmt(ex['score'])} · gain {fmt(ex['gain'])} · "
+                        f"conflict {fmt(ex['conflict'])} · source {ex['source'] or '—'} · {fmt(ex['n_tokens'])} tokens · "
+                        f"uid {ex['uid'][:12]}")
+                if ex["prompt"] is None and ex["response"] is None:
+                    body = '<div class="t muted">(record text not found in ingest/records.parquet)</div>'
+                else:
+                    more = f' <span class="muted">({ex["turns"]} messages)</span>' if ex["turns"] > 2 else ""
+                    body = (f'<div class="role">user{more}</div><div class="t">{_h(_truncate(ex["prompt"]))}</div>'
+                            f'<div class="role">assistant</div><div class="t">{_h(_truncate(ex["response"]))}</div>')
+                add(f'<div class="ex"><div class="meta">{_h(meta)}</div>{body}</div>')
+    else:
+        add(_not_run("select"))
+
+    # train
+    add('<h2 id="train">Training</h2>')
+    tr = data.train
+    tres = run.stages["train"].result
+    if tr or tres:
+        if tr:
+            add(_img(data, "train_loss.png", "training loss"))
+        rows = []
+        if tr:
+            rows += [["steps", fmt(tr["steps"])], ["first loss", fmt(tr["first_loss"])],
+                     ["final loss", fmt(tr["final_loss"])], ["min loss", fmt(tr["min_loss"])],
+                     ["tokens", fmt(tr["tokens"])]]
+        for k in ("planned_steps", "n_selected", "n_train_rows", "world_size", "use_gpu", "wall_seconds", "model"):
+            v = tres.get(k, tres.get("model_path") if k == "model" else None)
+            if v is not None:
+                rows.append([k, _h(fmt(v))])
+        add(_table(["", "value"], rows, numeric={1}))
+        if not tr:
+            add('<p class="muted">train/metrics.jsonl not found or empty.</p>')
+    else:
+        add(_not_run("train"))
+
+    # eval
+    add('<h2 id="eval">Eval</h2>')
+    if data.eval:
+        add(_table(["metric", "value"], [[f"<code>{_h(k)}</code>", _h(fmt(v))] for k, v in data.eval], numeric={1}))
+    else:
+        add(_not_run("eval"))
+
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    add(f"<footer>Generated {now} by spice_ray.report from the artifacts under <code>{_h(run.root)}</code>.</footer>")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>SPICE report: {_h(name)}</title><style>{CSS}</style></head>"
+        f"<body><main>{''.join(parts)}</main></body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown
+
+
+def _md_table(headers: list[str], rows: list[list[Any]], right: set[int] | None = None) -> list[str]:
+    right = right or set()
+    out = ["| " + " | ".join(_md(h) for h in headers) + " |",
+           "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(_md(c) for c in r) + " |" for r in rows]
+    return out + [""]
+
+
+def render_markdown(data: ReportData) -> str:
+    run = data.run
+    s = run.summary
+    L: list[str] = [f"# SPICE selection report: {_md(run.root.name)}", "", f"Run root: `{run.root}`", ""]
+    if s:
+        L += [f"Selection: method `{s.get('method', '?')}`, α = {param(s.get('alpha'))}, "
+              f"λ = {param(s.get('lam'))}, ω = {param(s.get('omega'))}", ""]
+
+    L += ["## Stages", ""]
+    L += _md_table(["stage", "status", "counts"], [[r["stage"], r["status"], r["detail"]] for r in data.stages])
+
+    L += ["## Quarantine", ""]
+    if data.reasons:
+        total = sum(data.reasons.values())
+        L += _md_table(["reason", "rows", "share"], [[k, fmt(v), pct(v / total if total else None)]
+                       for k, v in sorted(data.reasons.items(), key=lambda kv: (-kv[1], kv[0]))], {1, 2})
+        if data.quarantine_examples:
+            L += _md_table(["file", "line", "reason", "detail"], [
+                [Path(str(r.get("file", ""))).name, fmt(r.get("line")), r.get("reason", ""), _truncate(r.get("detail"), 120)]
+                for r in data.quarantine_examples], {1})
+    elif run.records is None:
+        L += [f"ingest: {NOT_RUN}", ""]
+    else:
+        L += ["No row was quarantined.", ""]
+
+    L += ["## Source mix", ""]
+    if data.source_mix:
+        L += ["![source mix](source_mix.png)", ""]
+        L += _md_table(["source", "corpus", "corpus share", "selected", "selected share", "lift"],
+                       [[r["source"], fmt(r["corpus"]), pct(r["corpus_share"]), fmt(r["selected"]),
+                         pct(r["selected_share"]), fmt(r["lift"], 2)] for r in data.source_mix], {1, 2, 3, 4, 5})
+    else:
+        L += [f"ingest: {NOT_RUN}", ""]
+
+    L += ["## Token lengths", ""]
+    if data.lengths:
+        L += ["![token lengths](token_lengths.png)", ""]
+        rows = []
+        for label, st in (("all", data.lengths["stats_all"]), ("selected", data.lengths["stats_selected"])):
+            rows.append([label, fmt(st["n"]), fmt(st["mean"], 1), fmt(st["median"], 1), fmt(st["p90"], 1), fmt(st["max"], 0)]
+                        if st else [label, NOT_RUN, "", "", "", ""])
+        L += _md_table(["records", "n", "mean", "median", "p90", "max"], rows, {1, 2, 3, 4, 5})
+    else:
+        L += [f"ingest: {NOT_RUN}", ""]
+
+    L += ["## Selection", ""]
+    if data.gain:
+        L += _md_table(["selected", "of", "final log det", "mean gain", "mean conflict", "stop reason"], [[
+            fmt(s.get("k_selected", run.selection.num_rows)), fmt(s.get("n_candidates")), fmt(finite(s.get("logdet"))),
+            fmt(finite(s.get("mean_gain"))), fmt(finite(s.get("mean_conflict"))), s.get("stop_reason", "—")]], {0, 1, 2, 3, 4})
+        L += ["![gain decay](gain_decay.png)", "", "![conflict](conflict.png)", ""]
+    else:
+        L += [f"select: {NOT_RUN}", ""]
+
+    L += ["## log det vs k (same sketches)", ""]
+    ld = data.logdet
+    if ld and "curves" in ld:
+        ref = ld["final"].get("spice")
+        L += ["![log det vs k](logdet_vs_k.png)", ""]
+        rows = [[m + ("" if ld["origin"].get(m) == "recomputed" else f" ({ld['origin'].get(m)})"), fmt(ld["k"]), fmt(v),
+                 f"{v / ref:.3f}" if ref else "—", fmt(ld["mean_conflict"][m])] for m, v in ld["final"].items()]
+        rows += [[m, fmt(ld["k"]), f"skipped: {why}", "", ""] for m, why in ld["skipped"].items()]
+        L += _md_table(["method", "k", "log det", "/ spice", "mean conflict"], rows, {1, 2, 3, 4})
+    elif ld and "error" in ld:
+        L += [f"baselines not computed: {ld['error']}", ""]
+    elif run.sketches_path is None:
+        L += [f"sketch: {NOT_RUN}", ""]
+    else:
+        L += ["baselines not computed", ""]
+
+    L += ["## Diagnostics", ""]
+    dg = data.diagnostics
+    if dg:
+        if dg["headline"]:
+            L += _md_table(["diagnostic", "value", "from"], [
+                [h["label"], pct(finite(h["value"])) if h["kind"] == "fraction" else fmt(finite(h["value"])), h["key"]]
+                for h in dg["headline"]], {1})
+        if dg["summary"]:
+            L += _md_table(["summary.json key", "value"], [[k, _diag_value(k, v)] for k, v in dg["summary"].items()], {1})
+        if dg["computed"]:
+            L += _md_table(["from selection.parquet", "value"],
+                           [[DIAG_LABELS.get(k, k), _diag_value(k, v)] for k, v in dg["computed"].items()], {1})
+    else:
+        L += [f"select: {NOT_RUN}", ""]
+
+    L += ["## Examples (by score)", ""]
+    if data.examples:
+        for title, key in (("Top", "top"), ("Bottom", "bottom")):
+            if data.examples[key]:
+                L += [f"### {title}", ""]
+                L += _md_table(["rank", "score", "source", "prompt", "response"], [
+                    [fmt(ex["rank"]), fmt(ex["score"]), ex["source"] or "—", _truncate(ex["prompt"], 160),
+                     _truncate(ex["response"], 160)] for ex in data.examples[key]], {0, 1})
+    else:
+        L += [f"select: {NOT_RUN}", ""]
+
+    L += ["## Training", ""]
+    if data.train:
+        tr = data.train
+        L += ["![training loss](train_loss.png)", ""]
+        L += _md_table(["steps", "first loss", "final loss", "min loss"],
+                       [[fmt(tr["steps"]), fmt(tr["first_loss"]), fmt(tr["final_loss"]), fmt(tr["min_loss"])]], {0, 1, 2, 3})
+    elif run.stages["train"].result:
+        r = next(r for r in data.stages if r["stage"] == "train")
+        L += [r["detail"], ""]
+    else:
+        L += [f"train: {NOT_RUN}", ""]
+
+    L += ["## Eval", ""]
+    if data.eval:
+        L += _md_table(["metric", "value"], [[k, fmt(v)] for k, v in data.eval], {1})
+    else:
+        L += [f"eval: {NOT_RUN}", ""]
+    return "\n".join(L).rstrip() + "\n"

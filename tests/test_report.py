@@ -1,0 +1,413 @@
+"""The selection report (issue #8) and compare_runs, on small synthetic run roots (no Ray)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from spice_ray.config import SelectConfig
+from spice_ray.report import compare_runs, load_run, write_report
+from spice_ray.report.analysis import _average_ranks, logdet_curves, spearman
+from spice_ray.report.render import fmt, pct
+from spice_ray.select import read_sketches, select
+
+SOURCES = {"arithmetic": 50, "capitals": 30, "noisy": 20, "sort_list": 20}  # 120 records
+D = 12
+SCRIPT_PROMPT = "What does <script>alert('x')</script> & co print?"
+
+
+def _uid(i: int) -> str:
+    return f"{i:04d}" + "ab" * 30  # 64 hex-ish chars, sorted by i
+
+
+def _messages(i: int, source: str) -> list[dict[str, str]]:
+    if i == 3:
+        prompt = SCRIPT_PROMPT
+    else:
+        prompt = f"[{source}] question number {i}: what is {i} plus {i}?"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"answer {2 * i} from {source}"}]
+
+
+def make_run(
+    root: Path,
+    *,
+    k: int = 24,
+    method: str = "spice",
+    lam: float = 0.1,
+    omega: float | None = None,
+    sketch_seed: int = 0,
+    stages: tuple[str, ...] = ("ingest", "sketch", "select", "train"),
+) -> Path:
+    """A run root in the README's layout: records, quarantine, sketches, selection, manifests, train."""
+    rng = np.random.default_rng(sketch_seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(f"select:\n  alpha: 1.0\n  lam: {lam}\n  seed: 0\n  method: {method}\n")
+    uids, sources, messages, n_tokens = [], [], [], []
+    i = 0
+    for source, count in SOURCES.items():
+        for _ in range(count):
+            uids.append(_uid(i))
+            sources.append(source)
+            messages.append(_messages(i, source))
+            n_tokens.append(int(20 + (i * 7) % 90 + (60 if source == "noisy" else 0)))
+            i += 1
+    n = len(uids)
+
+    def manifest(stage: str, result: dict[str, Any]) -> None:
+        d = root / stage
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": stage, "key": "k-" + stage, "result": result}))
+        (d / "_SUCCESS").write_text("k-" + stage + "\n")
+
+    if "ingest" in stages:
+        ing = root / "ingest"
+        ing.mkdir(parents=True, exist_ok=True)
+        msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+        pq.write_table(pa.table({
+            "uid": pa.array(uids, pa.string()),
+            "source": pa.array(sources, pa.string()),
+            "messages": pa.array(messages, msg_type),
+            "n_tokens": pa.array(n_tokens, pa.int32()),
+            "file": pa.array(["corpus.jsonl"] * n, pa.string()),
+            "line": pa.array(np.arange(1, n + 1), pa.int64()),
+        }), ing / "records.parquet")
+        quarantine = [
+            ("/data/corpus.jsonl", 7, "invalid_json", "Expecting value at column 1"),
+            ("/data/corpus.jsonl", 9, "duplicate", "same uid as /data/corpus.jsonl:2"),
+            ("/data/corpus.jsonl", 11, "duplicate", "same uid as /data/corpus.jsonl:5"),
+            ("/data/other.jsonl", 3, "too_long", "1400 tokens > 1024"),
+            ("/data/other.jsonl", 4, "missing_field", "no 'output' <b>field</b>"),
+        ]
+        pq.write_table(pa.table({
+            "file": [q[0] for q in quarantine], "line": pa.array([q[1] for q in quarantine], pa.int64()),
+            "reason": [q[2] for q in quarantine], "detail": [q[3] for q in quarantine],
+            "raw": ["{}"] * len(quarantine), "raw_bytes": pa.array([2] * len(quarantine), pa.int64()),
+            "source": ["corpus"] * len(quarantine),
+        }), ing / "quarantine.parquet")
+        reasons: dict[str, int] = {}
+        for q in quarantine:
+            reasons[q[2]] = reasons.get(q[2], 0) + 1
+        manifest("ingest", {"records": str(ing / "records.parquet"), "quarantine": str(ing / "quarantine.parquet"),
+                            "n_in": n + len(quarantine), "n_kept": n, "n_quarantined": len(quarantine),
+                            "reasons": reasons, "sources": dict(SOURCES)})
+
+    if "sketch" in stages:
+        centers = {s: rng.normal(size=D) for s in SOURCES}
+        centers["noisy"] = -centers["arithmetic"]  # conflicting gradients
+        G = np.stack([centers[s] * 0.6 + rng.normal(size=D) for s in sources]).astype(np.float32)
+        sk = root / "sketch" / "sketches"
+        sk.mkdir(parents=True, exist_ok=True)
+        order = rng.permutation(n)  # files need not be sorted by uid
+        for part, idx in enumerate(np.array_split(order, 2)):
+            pq.write_table(pa.table({
+                "uid": pa.array([uids[j] for j in idx], pa.string()),
+                "sketch": pa.FixedSizeListArray.from_arrays(pa.array(G[idx].ravel(), pa.float32()), D),
+                "loss": pa.array(rng.uniform(0.5, 3, size=len(idx))),
+                "grad_norm": pa.array(np.linalg.norm(G[idx], axis=1).astype(np.float64)),
+                "n_tokens": pa.array([n_tokens[j] for j in idx], pa.int32()),
+            }), sk / f"part-{part}.parquet")
+        manifest("sketch", {"sketches": str(sk), "n_records": n, "n_sketches": n, "num_workers": 1})
+
+    if "select" in stages:
+        from spice_ray.select.actor import select_to_dir
+
+        cfg = SelectConfig(method=method, k=k, fraction=None, alpha=1.0, lam=lam, omega=omega, seed=0)
+        summary = select_to_dir(str(root / "sketch" / "sketches"), str(root / "select"), cfg)
+        manifest("select", {"selection": str(root / "select" / "selection.parquet"), **summary})
+
+    if "train" in stages:
+        tr = root / "train"
+        tr.mkdir(parents=True, exist_ok=True)
+        hist = [{"step": s, "epoch": 0, "loss": 3.0 / s ** 0.3, "lr": 2e-4, "tokens": 100 * s, "elapsed_s": s * 0.1}
+                for s in range(1, 9)]
+        (tr / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist) + '{"step": 9, "lo')  # torn last line
+        manifest("train", {"model": str(tr / "model"), "loss": hist[-1]["loss"], "steps": 8, "planned_steps": 8,
+                           "n_selected": k, "n_train_rows": k, "metrics": str(tr / "metrics.jsonl")})
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory) -> tuple[Path, Path]:
+    root = make_run(tmp_path_factory.mktemp("runs") / "full")
+    return root, write_report(root)
+
+
+def _html(index: Path) -> str:
+    return index.read_text()
+
+
+def test_files_written(full_run) -> None:
+    root, index = full_run
+    assert index == root / "report" / "index.html"
+    out = root / "report"
+    for name in ("summary.md", "source_mix.png", "token_lengths.png", "gain_decay.png", "conflict.png",
+                 "logdet_vs_k.png", "train_loss.png"):
+        assert (out / name).is_file(), name
+    assert (out / "gain_decay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_is_self_contained(full_run) -> None:
+    html = _html(full_run[1])
+    assert "<title>SPICE report: full</title>" in html
+    assert 'src="http' not in html and "src='http" not in html
+    assert "<link" not in html and "<script" not in html  # no external CSS/JS, no JS at all
+    assert not re.search(r"""(href|src)=["']?(https?:)?//""", html)
+    assert "@import" not in html and "url(" not in html
+    imgs = re.findall(r"<img [^>]*>", html)
+    assert len(imgs) == 6
+    for tag in imgs:
+        src = re.search(r'src="([^"]+)"', tag).group(1)
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:4] == b"\x89PNG"
+
+
+def test_counts_match_manifests(full_run) -> None:
+    root, index = full_run
+    html, md = _html(index), (root / "report" / "summary.md").read_text()
+    ing = json.loads((root / "ingest" / "manifest.json").read_text())["result"]
+    for text in (html, md):
+        assert f"{ing['n_in']:,} rows in, {ing['n_kept']:,} kept, {ing['n_quarantined']:,} quarantined" in text
+        assert "120 sketches of 120 records" in text
+        assert "spice: 24 of 120 (20.0%)" in text
+        assert "8 steps of 8 planned" in text
+    # quarantine reasons with counts and an example row (file name, line, escaped detail)
+    assert "<code>duplicate</code></td><td class=\"n\">2</td>" in html
+    assert "other.jsonl" in html and "no &#x27;output&#x27; &lt;b&gt;field&lt;/b&gt;" in html
+    assert "| duplicate | 2 | 40.0% |" in md
+
+
+def test_source_mix_numbers(full_run) -> None:
+    root, index = full_run
+    html, md = _html(index), (root / "report" / "summary.md").read_text()
+    records = pq.read_table(root / "ingest" / "records.parquet").to_pandas()
+    sel = set(pq.read_table(root / "select" / "selection.parquet").column("uid").to_pylist())
+    picked = records[records.uid.isin(sel)]
+    assert len(picked) == 24
+    for source, count in SOURCES.items():
+        n_sel = int((picked.source == source).sum())
+        cells = [source, fmt(count), pct(count / 120), fmt(n_sel), pct(n_sel / 24)]
+        assert "| " + " | ".join(cells) + " |" in md
+        assert "".join(f'<td class="n">{c}</td>' for c in cells[1:]) in html
+
+
+def test_selection_and_logdet(full_run) -> None:
+    root, index = full_run
+    html, md = _html(index), (root / "report" / "summary.md").read_text()
+    summary = json.loads((root / "select" / "summary.json").read_text())
+    assert summary["k_selected"] == 24
+    final = fmt(summary["logdet"])
+    assert final in html and final in md
+    # baselines recomputed on the same sketches
+    uids, G = read_sketches(str(root / "sketch" / "sketches"))
+    for m in ("spice", "logdet", "random", "gradnorm"):
+        ld = select(G, 24, method=m, alpha=1.0, lam=0.1, seed=0).logdet
+        assert f"| {m} | 24 | {fmt(ld)} |" in md
+        assert f"<code>{m}</code></td><td class=\"n\">24</td><td class=\"n\">{fmt(ld)}</td>" in html
+    assert fmt(select(G, 24, method="spice", alpha=1.0, lam=0.1).logdet) == final
+
+
+def test_top_example_text_escaped(full_run) -> None:
+    root, index = full_run
+    html, md = _html(index), (root / "report" / "summary.md").read_text()
+    sel = pq.read_table(root / "select" / "selection.parquet").to_pandas()
+    top = sel.sort_values("score", ascending=False, kind="stable").iloc[0]
+    i = int(top.uid[:4])
+    source = [s for s, c in SOURCES.items() for _ in range(c)][i]
+    prompt = _messages(i, source)[0]["content"]
+    import html as htmlmod
+
+    assert htmlmod.escape(prompt) in html
+    assert f"answer {2 * i} from {source}" in html
+    assert f"rank {int(top['rank'])} · score {fmt(float(top.score))}" in html
+    assert prompt.replace("<", "&lt;").replace(">", "&gt;") in md or prompt in md
+    assert "<script>" not in html
+
+
+def test_script_prompt_is_escaped(tmp_path) -> None:
+    root = make_run(tmp_path / "esc", stages=("ingest", "sketch", "select"))
+    # put markup into the top example's prompt and response
+    sel = pq.read_table(root / "select" / "selection.parquet").to_pandas()
+    top_uid = sel.sort_values("score", ascending=False, kind="stable").uid.iloc[0]
+    records = pq.read_table(root / "ingest" / "records.parquet")
+    msgs = records.column("messages").to_pylist()
+    j = records.column("uid").to_pylist().index(top_uid)
+    msgs[j] = [{"role": "user", "content": SCRIPT_PROMPT}, {"role": "assistant", "content": "<img src=x onerror=alert(1)> | done"}]
+    records = records.set_column(records.schema.get_field_index("messages"), "messages",
+                                 pa.array(msgs, records.schema.field("messages").type))
+    pq.write_table(records, root / "ingest" / "records.parquet")
+    html = write_report(root, baselines=()).read_text()
+    md = (root / "report" / "summary.md").read_text()
+    assert "<script" not in html and "<img src=x" not in html
+    assert "What does &lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp;amp; co print?" not in html  # not double-escaped
+    assert "What does &lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; co print?" in html
+    assert "&lt;img src=x onerror=alert(1)&gt; \\| done" in md
+    assert "<script" not in md
+    assert "baselines not computed" in html
+
+
+def test_baseline_cost_guard(tmp_path) -> None:
+    root = make_run(tmp_path / "guard", stages=("ingest", "sketch", "select"))
+    summary = json.loads((root / "select" / "summary.json").read_text())
+    md_path = root / "report" / "summary.md"
+    html = write_report(root, max_gflop=0.0).read_text()
+    md = md_path.read_text()
+    # the run's own method falls back to its selection.parquet trace, the others are skipped
+    assert f"| spice (selection.parquet) | 24 | {fmt(summary['logdet'])} | 1.000 |" in md
+    for m in ("logdet", "random", "gradnorm"):
+        assert f"| {m} | 24 | skipped: estimated" in md
+    assert "skipped: estimated" in html
+    html = write_report(root, baselines=("random",)).read_text()
+    assert "<code>random</code>" in html and "<code>logdet</code>" not in html
+    too_big = logdet_curves(load_run(root), max_sketch_bytes=1000)
+    assert "GiB" in too_big["error"] and "baselines not computed" in too_big["error"]
+
+
+def test_diagnostics(full_run) -> None:
+    root, index = full_run
+    html = _html(index)
+    sel = pq.read_table(root / "select" / "selection.parquet").to_pandas()
+    eps = sel.gain - sel.base
+    assert fmt(float(eps.mean())) in html
+    assert (eps <= 1e-9).all()
+    assert "100.0%" in html  # the bound holds on every step
+    rho = spearman(sel.conflict.to_numpy(), sel.gain.to_numpy())
+    assert rho is not None and fmt(rho) in html
+
+
+def test_select_diagnostics_from_summary(full_run) -> None:
+    root, index = full_run
+    html, md = _html(index), (root / "report" / "summary.md").read_text()
+    diag = json.loads((root / "select" / "summary.json").read_text()).get("diagnostics")
+    if not isinstance(diag, dict):
+        pytest.skip("this select version writes no diagnostics into summary.json")
+    for key, value in diag.items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            shown = pct(value) if "holds" in key or key.endswith("_frac") else fmt(value)
+            assert f"<code>diagnostics.{key}</code></td><td class=\"n\">{shown}</td>" in html, key
+            assert f"| diagnostics.{key} | {shown} |" in md, key
+    assert "engine" not in {k.split(".")[0] for k in re.findall(r"<code>(diagnostics\.[^<]+|engine\.[^<]+)</code>", html)}
+    if diag.get("conflict_gain_spearman") is not None:
+        assert f"| Spearman ρ(conflict, Δ) | {fmt(diag['conflict_gain_spearman'])} | summary.json: diagnostics.conflict_gain_spearman |" in md
+
+
+def test_summary_diagnostics_shown(tmp_path) -> None:
+    root = make_run(tmp_path / "diag", stages=("ingest", "sketch", "select"))
+    path = root / "select" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary.update(spearman_conflict_delta=-0.4321, eps_bound_holds_frac=0.875,
+                   diagnostics={"curvature": 0.1234})
+    path.write_text(json.dumps(summary))
+    html = write_report(root, baselines=()).read_text()
+    for text in ("spearman_conflict_delta", "-0.4321", "eps_bound_holds_frac", "87.5%", "diagnostics.curvature", "0.1234"):
+        assert text in html
+
+
+def test_spearman_fallback_matches_scipy(monkeypatch) -> None:
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=50), 1)  # ties
+    y = x + rng.normal(size=50)
+    assert _average_ranks(np.array([3.0, 1.0, 3.0, 2.0])).tolist() == [3.5, 1.0, 3.5, 2.0]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "scipy.stats", None)  # as if scipy were not installed
+        ours = spearman(x, y)
+        assert spearman(np.ones(5), y[:5]) is None
+        assert spearman(np.arange(10.0), -np.arange(10.0)) == pytest.approx(-1.0)
+    stats = pytest.importorskip("scipy.stats")
+    assert ours == pytest.approx(stats.spearmanr(x, y).statistic, abs=1e-12)
+    assert spearman(x, y) == pytest.approx(ours, abs=1e-12)
+
+
+def test_train_loss_and_not_run_stages(full_run) -> None:
+    root, index = full_run
+    html, md = _html(index), (root / "report" / "summary.md").read_text()
+    final = fmt(3.0 / 8 ** 0.3)
+    assert f"final loss {final}" in html and final in md  # the torn last metrics line is skipped
+    assert '<p class="notrun">eval: not run</p>' in html
+    assert "eval: not run" in md
+
+
+def test_missing_stages_render_not_run(tmp_path) -> None:
+    root = make_run(tmp_path / "partial", stages=("ingest",))
+    index = write_report(root)
+    html = index.read_text()
+    assert "120 kept" in html
+    for stage in ("sketch", "select", "train", "eval"):
+        assert f'<p class="notrun">{stage}: not run</p>' in html or (
+            f"<td>{stage}</td><td><span class=\"status notrun\">not run</span>" in html
+        ), stage
+    assert '<span class="status notrun">not run</span></td><td>not run</td>' in html
+    assert "select: not run" in (root / "report" / "summary.md").read_text()
+    assert set(p.name for p in (root / "report").glob("*.png")) == {"source_mix.png", "token_lengths.png"}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    html = write_report(empty).read_text()
+    assert html.count("not run") >= 8
+    assert not list((empty / "report").glob("*.png"))
+
+
+def test_early_stop_marked(tmp_path) -> None:
+    root = make_run(tmp_path / "early", k=100, omega=0.5, stages=("ingest", "sketch", "select"))
+    summary = json.loads((root / "select" / "summary.json").read_text())
+    assert summary["stop_reason"] == "early_stop" and summary["k_selected"] < 100
+    html = write_report(root).read_text()
+    assert f"after {summary['k_selected']} picks (of 100 requested)" in html
+    assert "threshold ω·Δ_first" in html
+
+
+def test_compare_runs_overlap(tmp_path) -> None:
+    a = make_run(tmp_path / "a", k=24, method="spice", stages=("ingest", "sketch", "select"))
+    b = make_run(tmp_path / "b", k=30, method="random", stages=("ingest", "sketch", "select"))
+    ua = set(pq.read_table(a / "select" / "selection.parquet").column("uid").to_pylist())
+    ub = set(pq.read_table(b / "select" / "selection.parquet").column("uid").to_pylist())
+    inter, union = len(ua & ub), len(ua | ub)
+    assert 0 < inter < 24
+    md = compare_runs(a, b)
+    assert f"| 24 | 30 | {inter} | {union} | {24 - inter} | {30 - inter} | {fmt(inter / union)} |" in md
+    for run, label in ((a, "A (a)"), (b, "B (b)")):
+        s = json.loads((run / "select" / "summary.json").read_text())
+        assert f"| {label} | {s['method']} |" in md and fmt(s["logdet"]) in md
+    assert "eval: not run in either run" in md
+    assert "| arithmetic |" in md
+    # the same run against itself: full overlap
+    assert "| 24 | 24 | 24 | 24 | 0 | 0 | 1.0000 |" in compare_runs(a, a)
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                "--disable-dev-shm-usage"]
+
+
+def test_renders_in_headless_chromium(full_run, tmp_path) -> None:
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("chromium not on PATH (apt-get install chromium) — headless render check skipped")
+    _, index = full_run
+    with tempfile.TemporaryDirectory() as profile:
+        dom = subprocess.run([browser, *CHROME_FLAGS, f"--user-data-dir={profile}", "--dump-dom", index.as_uri()],
+                             capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "<title>SPICE report: full</title>" in dom.stdout
+    assert "Source mix" in dom.stdout
+    shot = tmp_path / "shot.png"
+    with tempfile.TemporaryDirectory() as profile:
+        res = subprocess.run([browser, *CHROME_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
+                              "--window-size=1280,1600", index.as_uri()], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert shot.is_file() and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
