@@ -128,6 +128,50 @@ def compare(
     console.print(compare_runs(run_a, run_b))
 
 
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="Config file, inside the working directory that is uploaded.")],
+    set_: SetOpt = None,
+    address: Annotated[str | None, typer.Option("--address", help="Ray dashboard address (default: RAY_ADDRESS).")] = None,
+    runtime_env: Annotated[Path | None, typer.Option("--runtime-env", help="Runtime env YAML.")] = Path("jobs/runtime_env.yaml"),
+) -> None:
+    """Submit a run to a Ray cluster as a job (idempotent: the id is derived from the run)."""
+    from spice_ray.submit import load_runtime_env
+    from spice_ray.submit import submit as submit_job
+
+    cfg = _load(config, set_, None)
+    try:
+        rel = config.resolve().relative_to(Path.cwd())
+    except ValueError:
+        console.print(f"[red]error:[/red] {config} is outside the working directory that the job uploads")
+        raise typer.Exit(2) from None
+    env = load_runtime_env(runtime_env if runtime_env and runtime_env.exists() else None)
+    job_id, what = submit_job(cfg, config_path=rel.as_posix(), overrides=list(set_ or []), address=address, runtime_env=env)
+    console.print(f"{job_id}: {what}")
+    where = f" --address {address}" if address else ""
+    console.print(f"follow the logs:  ray job logs{where} --follow {job_id}")
+    console.print(f"status:           ray job status{where} {job_id}")
+
+
+@app.command()
+def runs(run_root: Annotated[Path, typer.Argument(help="A run root that has been run one or more times.")]) -> None:
+    """List a run root's recorded invocations with their counts and selection stats."""
+    from rich.table import Table
+
+    from spice_ray.pipeline import list_runs
+
+    rows = list_runs(run_root)
+    if not rows:
+        console.print(f"no recorded runs under {run_root}")
+        raise typer.Exit(1)
+    table = Table("run", "records", "quarantined", "sketched", "selected", "method", "log det", "mean conflict", "redone")
+    for r in rows:
+        logdet = "" if r["logdet"] is None else f"{r['logdet']:.3f}"
+        conflict = "" if r["mean_conflict"] is None else f"{r['mean_conflict']:.4f}"
+        table.add_row(r["run"], *(str(r[k] if r[k] is not None else "") for k in ("records", "quarantined", "sketched", "selected", "method")), logdet, conflict, ",".join(r["redone"]))
+    console.print(table)
+
+
 @app.command("config")
 def show_config(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults, file and overrides) as YAML."""

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -220,7 +221,16 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
         outcomes["ingest"] = run_stage(root, "ingest", ingest_key, cfg, ingest_body, {"paths": cfg.corpus.paths or ["<demo>"]})
 
     # sketch
-    sketch_key = _stage_key(cfg, "sketch", [models_key_full, ingest_key])
+    # A warm-up trains with the train section's settings; an optimizer_state checkpoint is keyed by
+    # its content. The sketch cache (cache_dir) is keyed by the sketch spec, so a rerun over a grown
+    # corpus sketches only the new records; the manifest result holds the spec, the projection spec,
+    # n_cached / n_computed and the fidelity report.
+    sketch_extra = [cfg.fingerprint("train")] if cfg.sketch.warmup_fraction > 0 else []
+    if cfg.sketch.optimizer_state:
+        from spice_ray.sketch.stage import digest_path
+
+        sketch_extra.append(digest_path(Path(cfg.sketch.optimizer_state).expanduser()))
+    sketch_key = _stage_key(cfg, "sketch", [models_key_full, ingest_key, *sketch_extra])
     if "sketch" in wanted:
         ingest_result = _require(root, "ingest", ingest_key)
 
@@ -234,6 +244,8 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
                 model_path=models["proxy"],
                 tokenizer_path=models["proxy_tokenizer"],
                 out_dir=str(out_dir),
+                cache_dir=str(Path(cfg.sketch.cache_dir).expanduser() if cfg.sketch.cache_dir else root.path / "cache" / "sketches"),
+                model_fingerprint=models["proxy_fingerprint"],
             )
             return {"sketches": str(out_dir / "sketches"), **counts}
 
@@ -274,7 +286,62 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
             )
 
         outcomes["train"] = run_stage(root, "train", train_key, cfg, train_body, {"selection": select_result["selection"], "target": models["target_fingerprint"]})
+    if any(not o.skipped for o in outcomes.values()):
+        record_history(root, outcomes)
     return outcomes
+
+
+HISTORY = "history"
+
+
+def record_history(root: RunRoot, outcomes: dict[str, StageOutcome]) -> Path:
+    """Keep this invocation's stage results and selection under ``history/<time>-<key>/``.
+
+    A scheduled curation reruns the same root over a grown corpus; the history keeps every run's
+    selection and counts so runs can be listed (``spice-ray runs``) and compared.
+    """
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    last = outcomes[list(outcomes)[-1]].manifest.get("key", "")[:8]
+    entry = root.path / HISTORY / f"{stamp}-{last}"
+    entry.mkdir(parents=True, exist_ok=True)
+    record = {
+        "finished": datetime.now(UTC).isoformat(),
+        "stages": {
+            name: {"key": o.manifest.get("key"), "skipped": o.skipped, "seconds": o.manifest.get("seconds"), "result": o.manifest.get("result")}
+            for name, o in outcomes.items()
+        },
+    }
+    if "select" in outcomes:
+        select_dir = root.stage_dir("select")
+        for name in ("selection.parquet", "summary.json"):
+            if (select_dir / name).exists():
+                shutil.copy2(select_dir / name, entry / name)
+    write_text_atomic(entry / "run.json", json.dumps(record, indent=2, sort_keys=True, default=str))
+    return entry
+
+
+def list_runs(root: str | Path) -> list[dict[str, Any]]:
+    """One row per recorded invocation of a run root, oldest first."""
+    rows = []
+    for entry in sorted((Path(root) / HISTORY).glob("*/run.json")):
+        stages = json.loads(entry.read_text())["stages"]
+        ingest = (stages.get("ingest") or {}).get("result") or {}
+        sketch = (stages.get("sketch") or {}).get("result") or {}
+        select = (stages.get("select") or {}).get("result") or {}
+        rows.append(
+            {
+                "run": entry.parent.name,
+                "records": ingest.get("n_kept"),
+                "quarantined": ingest.get("n_quarantined"),
+                "sketched": sketch.get("n_computed", sketch.get("n_sketches")),
+                "selected": select.get("k_selected"),
+                "method": select.get("method"),
+                "logdet": select.get("logdet"),
+                "mean_conflict": select.get("mean_conflict"),
+                "redone": [name for name, s in stages.items() if not s["skipped"]],
+            }
+        )
+    return rows
 
 
 def _corpus_inputs_key(cfg: Config) -> str:
