@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,13 +64,58 @@ class SketchConfig(_Section):
     dim: int = Field(256, gt=0, description="Sketch dimension d (split as d = d_out * d_in).")
     seed: int = Field(0, description="Projection seed; the projection is a pure function of it.")
     loss: Literal["response", "all"] = Field("response", description="Tokens the loss is averaged over.")
-    batch_size: int = Field(8, gt=0, description="Records per forward/backward.")
+    method: Literal["auto", "materialize", "factored"] = Field(
+        "auto",
+        description="Per-layer projection: materialize (per-sample ∇W, then P_out ∇W P_inᵀ), factored "
+        "(project δ and x per token, never form ∇W), auto (the cheaper per layer; LoRA: materialize).",
+    )
+    parameters: Literal["lora", "weights"] = Field(
+        "lora",
+        description="Sketched parameters: the LoRA adapters, or the full weights of the "
+        "model.lora_target_modules linear layers (no warm-up / optimizer state then).",
+    )
+    gradient: Literal["sgd", "adam"] = Field(
+        "sgd", description="sgd: the loss gradient; adam: one Adam step's update from the checkpoint's moments (LESS)."
+    )
+    optimizer_state: str | None = Field(
+        None,
+        description="Checkpoint (Hugging Face optimizer.pt dir/file or DeepSpeed ZeRO-0/1/2) whose trainable "
+        "weights and, for gradient=adam, Adam moments are used; a warm-up sets it.",
+    )
+    warmup_fraction: float = Field(
+        0.0, ge=0, le=1, description="Warm-up: fine-tune the proxy's LoRA on this seeded random share of the records "
+        "first (train stage settings) and sketch at that checkpoint; 0: off."
+    )
+    warmup_steps: int | None = Field(None, gt=0, description="Warm-up optimizer steps (None: one epoch over the slice).")
+    batch_size: int = Field(64, gt=0, description="Records per Ray Data batch handed to a worker.")
+    max_tokens_per_batch: int | None = Field(
+        4096, gt=0, description="Token budget (rows × longest row) of one forward/backward; None: batch_size rows."
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="Sketch cache (parquet parts keyed by model, projection and loss spec); None: <run root>/cache/sketches.",
+    )
+    fidelity_sample: int = Field(
+        32, ge=0, description="Records whose sketch inner products are checked against exact gradients (0: off)."
+    )
     num_workers: int = Field(1, gt=0, description="Sketch actors (one GPU each when GPUs exist).")
     num_cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per sketch actor (0.5 leaves room for reads).")
     num_gpus_per_worker: float | None = Field(
         None, ge=0, description="GPUs per sketch actor; None: 1 if the cluster has GPUs, else 0."
     )
     dtype: Literal["float32", "float16"] = Field("float32", description="Stored sketch precision.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SketchConfig:
+        if self.gradient == "adam" and self.optimizer_state is None and self.warmup_fraction == 0:
+            raise ValueError("sketch.gradient=adam needs sketch.optimizer_state or sketch.warmup_fraction > 0")
+        if self.gradient == "adam" and self.method == "factored":
+            raise ValueError("sketch.gradient=adam is elementwise in the per-sample gradient: use method auto or materialize")
+        if self.optimizer_state is not None and self.warmup_fraction > 0:
+            raise ValueError("set sketch.optimizer_state or sketch.warmup_fraction, not both")
+        if self.parameters == "weights" and (self.optimizer_state is not None or self.warmup_fraction > 0):
+            raise ValueError("sketch.parameters=weights supports neither a warm-up nor an optimizer_state")
+        return self
 
 
 class SelectConfig(_Section):
@@ -104,22 +150,80 @@ class SelectConfig(_Section):
 
 
 class TrainConfig(_Section):
-    """Fine-tuning of the target model on the selection (Ray Train + DeepSpeed)."""
+    """Fine-tuning of the target model on the selection (Ray Train + DeepSpeed).
+
+    Presets: LoRA trains under ZeRO-2 and full fine-tuning under ZeRO-3 (``zero_stage: null``), in
+    bf16 on GPU (fp32 on CPU). The effective batch is micro_batch_size × grad_accum × num_workers.
+    """
 
     num_workers: int = Field(2, gt=0, description="Ray Train workers (one GPU each when used).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per train worker.")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
-    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[2, 3] | None = Field(
+        None, description="DeepSpeed ZeRO stage; None: 2 with LoRA, 3 for full fine-tuning."
+    )
+    offload: bool = Field(
+        False,
+        description="ZeRO-Offload: optimizer states (ZeRO-3: also parameters) in CPU memory, DeepSpeedCPUAdam.",
+    )
     lora: bool = Field(True, description="Train LoRA adapters (merged at export) or all weights.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: far less memory, ~1/3 more compute."
+    )
     epochs: int = Field(1, gt=0, description="Passes over the selection.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps.")
     micro_batch_size: int = Field(4, gt=0, description="Records per worker per forward/backward.")
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    max_length: int | None = Field(
+        None, gt=0, description="Truncate training sequences to this many tokens; None: corpus.max_tokens."
+    )
+    group_by_length: bool = Field(
+        True, description="Sort each window of a worker's shard by length, so micro-batches carry little padding."
+    )
+    length_window: int = Field(64, gt=0, description="Micro-batches per length-sorting window.")
+    lr: float = Field(2e-4, gt=0, description="AdamW peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        "cosine", description="LR after the warm-up: cosine or linear decay towards 0, or constant."
+    )
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the optimizer steps with a linear LR warm-up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     checkpoint_every: int = Field(50, gt=0, description="Optimizer steps between checkpoints.")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the latest); older ones are deleted.")
+    max_failures: int = Field(
+        0, ge=-1, description="Worker failures to recover from (restart from the latest checkpoint); -1: no limit."
+    )
+    report_interval_s: float = Field(
+        10.0, ge=0, description="Seconds between metric-only reports to Ray Train (checkpoints are always reported)."
+    )
     seed: int = Field(0, description="Seed of training (init, data order).")
+
+    @property
+    def resolved_zero_stage(self) -> int:
+        """The ZeRO stage in use: ``zero_stage``, else 2 with LoRA and 3 for full fine-tuning."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return 2 if self.lora else 3
+
+
+class EvalConfig(_Section):
+    """Held-out loss and perplexity of the base and the fine-tuned target model."""
+
+    paths: list[str] = Field(
+        default_factory=list,
+        description="Eval sets, one per file or directory (any corpus format). Empty: a held-out generated demo set.",
+    )
+    format: Literal["auto", "alpaca", "prompt_response", "messages", "sharegpt"] = Field(
+        "auto", description="Row format of the eval files."
+    )
+    max_tokens: int | None = Field(None, gt=0, description="Longer rows are quarantined; None: corpus.max_tokens.")
+    demo_size: int = Field(120, gt=0, description="Rows of the generated held-out set (eval.paths empty).")
+    demo_seed: int = Field(1, description="Seed of the generated held-out set (differs from corpus.demo_seed).")
+    exclude_train_overlap: bool = Field(True, description="Drop eval rows whose uid is in the selection (trained on).")
+    base: bool = Field(True, description="Also evaluate the base target model (before fine-tuning).")
+    batch_size: int = Field(8, gt=0, description="Records per forward pass.")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs of the eval task.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs of the eval task; None: 1 if the cluster has GPUs, else 0.")
 
 
 class RunSection(_Section):
@@ -127,8 +231,8 @@ class RunSection(_Section):
 
     root: str = Field("runs/demo", description="Run root directory (absolute on a multi-node cluster).")
     ray_address: str | None = Field(None, description="Ray address; None: the job's cluster or local.")
-    stages: list[Literal["ingest", "sketch", "select", "train"]] = Field(
-        default_factory=lambda: ["ingest", "sketch", "select", "train"], description="Stages `run` runs, in order."
+    stages: list[Literal["ingest", "sketch", "select", "train", "eval"]] = Field(
+        default_factory=lambda: ["ingest", "sketch", "select", "train", "eval"], description="Stages `run` runs, in order."
     )
 
 
@@ -138,6 +242,7 @@ class Config(_Section):
     sketch: SketchConfig = Field(default_factory=SketchConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunSection = Field(default_factory=RunSection)
 
     def fingerprint(self, *sections: str) -> str:
@@ -204,9 +309,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_error(e)) from None
 
 
-def dump_config(cfg: Config) -> str:
-    """The resolved config as YAML (what the run root keeps as config.yaml)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+_SECRET_KEY = re.compile(r"(token|secret|password|passwd|credential|api_key|access_key)", re.IGNORECASE)
+_URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_SECRET_QUERY = re.compile(r"([?&](?:token|sig|signature|secret|password|key)=)[^&\s]+", re.IGNORECASE)
+REDACTED = "***"
+
+
+def redact(value: Any, key: str = "") -> Any:
+    """A copy of a JSON-like value with credentials masked: values under secret-looking keys,
+    ``user:password@`` in URIs, and secret query parameters. Manifests and saved configs use it."""
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    if isinstance(value, str):
+        if value and _SECRET_KEY.search(key):
+            return REDACTED
+        value = _URI_USERINFO.sub(rf"\1{REDACTED}@", value)
+        return _SECRET_QUERY.sub(rf"\1{REDACTED}", value)
+    return value
+
+
+def dump_config(cfg: Config, *, redacted: bool = False) -> str:
+    """The resolved config as YAML (what the run root keeps as config.yaml, redacted)."""
+    data = cfg.model_dump(mode="json")
+    return yaml.safe_dump(redact(data) if redacted else data, sort_keys=False)
 
 
 def config_reference_markdown() -> str:

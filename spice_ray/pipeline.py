@@ -6,6 +6,7 @@
     <root>/sketch/sketches/       sketch parquet files
     <root>/select/                selection.parquet, summary.json
     <root>/train/                 Ray Train storage (checkpoints) and model/ (Hugging Face format)
+    <root>/eval/                  results.json: held-out loss / perplexity, base vs fine-tuned
 
 Each stage directory holds ``manifest.json`` (inputs and their hashes, config, versions, counts,
 timings) and, once the stage has finished, ``_SUCCESS`` holding the stage's key. The key is a
@@ -20,7 +21,7 @@ import json
 import logging
 import os
 import platform
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,29 +30,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from spice_ray.config import Config, dump_config
+import pyarrow.fs as pafs
+
+from spice_ray.config import Config, dump_config, redact
+from spice_ray.storage import Store, ensure_local
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("models", "ingest", "sketch", "select", "train")
+STAGES = ("models", "ingest", "sketch", "select", "train", "eval")
 MARKER = "_SUCCESS"
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name beside ``path`` and rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def versions() -> dict[str, str]:
@@ -64,27 +52,38 @@ def versions() -> dict[str, str]:
     return out
 
 
-@dataclass
 class RunRoot:
-    """A run's directory. Paths are absolute, so Ray workers on this machine read the same files."""
+    """A run's root: a local directory (absolute, so Ray workers on this machine read the same
+    files) or an object-store URI, through :class:`spice_ray.storage.Store`."""
 
-    path: Path
+    def __init__(self, root: str | Path) -> None:
+        self.store = Store(str(root))
 
-    def __post_init__(self) -> None:
-        self.path = Path(self.path).expanduser().resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
+    @property
+    def uri(self) -> str:
+        return self.store.uri()
 
-    def stage_dir(self, stage: str) -> Path:
+    def stage_uri(self, stage: str) -> str:
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}")
-        return self.path / stage
+        return self.store.uri(stage)
 
     def marker_key(self, stage: str) -> str | None:
-        marker = self.stage_dir(stage) / MARKER
-        return marker.read_text().strip() if marker.exists() else None
+        rel = f"{stage}/{MARKER}"
+        return self.store.read_text(rel).strip() if self.store.exists(rel) else None
 
     def manifest(self, stage: str) -> dict[str, Any]:
-        return json.loads((self.stage_dir(stage) / MANIFEST).read_text())
+        return json.loads(self.store.read_text(f"{stage}/{MANIFEST}"))
+
+
+@dataclass
+class StageDirs:
+    """Where a stage writes: ``uri`` under the run root (what Ray workers write to directly), and
+    ``local``, a local directory for driver-side files: the stage directory itself for a local
+    root, else a staging directory uploaded to ``uri`` when the stage succeeds."""
+
+    uri: str
+    local: Path
 
 
 @dataclass
@@ -101,9 +100,10 @@ def _stage_key(cfg: Config, stage: str, upstream_keys: list[str]) -> str:
         "sketch": ("model", "sketch"),
         "select": ("select",),
         "train": ("model", "train"),
+        "eval": ("eval",),
     }[stage]
     parts = [stage, cfg.fingerprint(*sections), *upstream_keys]
-    if stage == "sketch":
+    if stage in ("sketch", "eval"):
         parts.append(str(cfg.corpus.max_tokens))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
@@ -113,39 +113,42 @@ def run_stage(
     stage: str,
     key: str,
     cfg: Config,
-    body: Callable[[Path], dict[str, Any]],
+    body: Callable[[StageDirs], dict[str, Any]],
     inputs: dict[str, Any],
 ) -> StageOutcome:
-    """Run ``body(stage_dir)`` unless the stage's marker already holds ``key``.
+    """Run ``body(dirs)`` unless the stage's marker already holds ``key``.
 
-    ``body`` returns the stage's counts/outputs; this writes the manifest and then the marker.
+    ``body`` returns the stage's counts/outputs; this writes the manifest and then the marker (the
+    commit point: a stage without its marker is never trusted downstream).
     """
-    out_dir = root.stage_dir(stage)
     if root.marker_key(stage) == key:
         logger.info("%s: finished earlier, skipped", stage)
         return StageOutcome(stage, skipped=True, manifest=root.manifest(stage))
-    if out_dir.exists():
-        if (out_dir / MARKER).exists():
-            logger.warning("%s: config or inputs changed since it finished; recomputing", stage)
-            (out_dir / MARKER).unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if root.marker_key(stage) is not None:
+        logger.warning("%s: config or inputs changed since it finished; recomputing", stage)
+        root.store.delete(f"{stage}/{MARKER}")
     started = time.time()
     logger.info("%s: started", stage)
-    result = body(out_dir)
+    with tempfile.TemporaryDirectory(prefix=f"spice-{stage}-") as staging:
+        local = Path(root.store.path(stage)) if root.store.is_local else Path(staging)
+        local.mkdir(parents=True, exist_ok=True)
+        result = body(StageDirs(uri=root.stage_uri(stage), local=local))
+        if not root.store.is_local and any(Path(staging).iterdir()):
+            root.store.upload_dir(staging, stage, replace=False)
     finished = time.time()
     manifest = {
         "stage": stage,
         "key": key,
         "inputs": inputs,
-        "config": cfg.model_dump(mode="json"),
+        "config": redact(cfg.model_dump(mode="json")),
         "versions": versions(),
         "result": result,
         "started": datetime.fromtimestamp(started, UTC).isoformat(),
         "finished": datetime.fromtimestamp(finished, UTC).isoformat(),
         "seconds": round(finished - started, 3),
     }
-    write_text_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    write_text_atomic(out_dir / MARKER, key + "\n")
+    root.store.write_text(f"{stage}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    root.store.write_text(f"{stage}/{MARKER}", key + "\n")
     logger.info("%s: done in %.1fs", stage, finished - started)
     return StageOutcome(stage, skipped=False, manifest=manifest)
 
@@ -159,37 +162,41 @@ def init_ray(address: str | None) -> None:
     ray.init(address=address, ignore_reinit_error=True)
 
 
-def resolve_model(spec: str, root: RunRoot, role: str, seed: int) -> str:
-    """A built-in is written into the run root once; a local path or hub id passes through."""
+def resolve_model(spec: str, dirs: StageDirs, seed: int) -> tuple[str, str]:
+    """(URI every worker loads, local path to fingerprint). A built-in is written into the run
+    root's models/ once; a local path, remote URI or hub id passes through."""
     from spice_ray.models import is_builtin, materialize_builtin
 
     if is_builtin(spec):
-        return str(materialize_builtin(spec, root.stage_dir("models") / spec.removeprefix("builtin:"), seed=seed))
+        name = spec.removeprefix("builtin:")
+        local = materialize_builtin(spec, dirs.local / name, seed=seed)
+        return f"{dirs.uri}/{name}", str(local)
     local = Path(spec).expanduser()
-    return str(local.resolve()) if local.exists() else spec
+    resolved = str(local.resolve()) if local.exists() else spec
+    return resolved, resolved
 
 
 def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, StageOutcome]:
     """Run the configured stages in order under ``cfg.run.root``; returns each stage's outcome."""
     from spice_ray.models import model_fingerprint
 
-    root = RunRoot(Path(cfg.run.root))
-    write_text_atomic(root.path / "config.yaml", dump_config(cfg))
+    root = RunRoot(cfg.run.root)
+    root.store.write_text("config.yaml", dump_config(cfg, redacted=True))
     wanted = list(stages or cfg.run.stages)
     outcomes: dict[str, StageOutcome] = {}
 
     # models: materialize built-ins; record fingerprints (they key every downstream stage).
-    def models_body(out_dir: Path) -> dict[str, Any]:
-        proxy = resolve_model(cfg.model.proxy, root, "proxy", cfg.model.init_seed)
-        target = resolve_model(cfg.model.target, root, "target", cfg.model.init_seed)
-        tokenizer = cfg.model.tokenizer or target
+    def models_body(dirs: StageDirs) -> dict[str, Any]:
+        proxy, proxy_local = resolve_model(cfg.model.proxy, dirs, cfg.model.init_seed)
+        target, target_local = resolve_model(cfg.model.target, dirs, cfg.model.init_seed)
+        tokenizer = resolve_model(cfg.model.tokenizer, dirs, cfg.model.init_seed)[0] if cfg.model.tokenizer else None
         return {
             "proxy": proxy,
             "target": target,
-            "tokenizer": resolve_model(tokenizer, root, "tokenizer", cfg.model.init_seed),
-            "proxy_tokenizer": resolve_model(cfg.model.tokenizer or proxy, root, "tokenizer", cfg.model.init_seed),
-            "proxy_fingerprint": model_fingerprint(proxy),
-            "target_fingerprint": model_fingerprint(target),
+            "tokenizer": tokenizer or target,
+            "proxy_tokenizer": tokenizer or proxy,
+            "proxy_fingerprint": model_fingerprint(proxy_local),
+            "target_fingerprint": model_fingerprint(target_local),
             "trust_remote_code": cfg.model.trust_remote_code,
         }
 
@@ -199,15 +206,15 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
     models_key_full = hashlib.sha256((models_key + models["proxy_fingerprint"] + models["target_fingerprint"]).encode()).hexdigest()
 
     # ingest
-    def ingest_body(out_dir: Path) -> dict[str, Any]:
-        from spice_ray.corpus.ingest import ingest
+    def ingest_body(dirs: StageDirs) -> dict[str, Any]:
+        from spice_ray.corpus.ingest import QUARANTINE_FILE, RECORDS_FILE, ingest
         from spice_ray.models import load_tokenizer
 
-        tokenizer = load_tokenizer(models["tokenizer"], trust_remote_code=cfg.model.trust_remote_code)
-        result = ingest(cfg.corpus, tokenizer, out_dir)  # no corpus.paths: the demo corpus
+        tokenizer = load_tokenizer(ensure_local(models["tokenizer"]), trust_remote_code=cfg.model.trust_remote_code)
+        result = ingest(cfg.corpus, tokenizer, dirs.local)  # no corpus.paths: the demo corpus
         return {
-            "records": result.records_path,
-            "quarantine": result.quarantine_path,
+            "records": f"{dirs.uri}/{RECORDS_FILE}",
+            "quarantine": f"{dirs.uri}/{QUARANTINE_FILE}",
             "n_in": result.n_in,
             "n_kept": result.n_kept,
             "n_quarantined": result.n_quarantined,
@@ -234,7 +241,7 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
     if "sketch" in wanted:
         ingest_result = _require(root, "ingest", ingest_key)
 
-        def sketch_body(out_dir: Path) -> dict[str, Any]:
+        def sketch_body(dirs: StageDirs) -> dict[str, Any]:
             from spice_ray.sketch.stage import run_sketch_stage
 
             init_ray(cfg.run.ray_address)
@@ -243,11 +250,11 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
                 records_path=ingest_result["records"],
                 model_path=models["proxy"],
                 tokenizer_path=models["proxy_tokenizer"],
-                out_dir=str(out_dir),
-                cache_dir=str(Path(cfg.sketch.cache_dir).expanduser() if cfg.sketch.cache_dir else root.path / "cache" / "sketches"),
+                out_dir=dirs.uri,
+                cache_dir=cfg.sketch.cache_dir or root.store.uri("cache/sketches"),
                 model_fingerprint=models["proxy_fingerprint"],
             )
-            return {"sketches": str(out_dir / "sketches"), **counts}
+            return {"sketches": f"{dirs.uri}/sketches", **counts}
 
         outcomes["sketch"] = run_stage(root, "sketch", sketch_key, cfg, sketch_body, {"records": ingest_result["records"], "proxy": models["proxy_fingerprint"]})
 
@@ -256,12 +263,12 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
     if "select" in wanted:
         sketch_result = _require(root, "sketch", sketch_key)
 
-        def select_body(out_dir: Path) -> dict[str, Any]:
+        def select_body(dirs: StageDirs) -> dict[str, Any]:
             from spice_ray.select.actor import run_select_stage
 
             init_ray(cfg.run.ray_address)
-            summary = run_select_stage(sketch_result["sketches"], str(out_dir), cfg.select)
-            return {"selection": str(out_dir / "selection.parquet"), **summary}
+            summary = run_select_stage(sketch_result["sketches"], dirs.uri, cfg.select)
+            return {"selection": f"{dirs.uri}/selection.parquet", **summary}
 
         outcomes["select"] = run_stage(root, "select", select_key, cfg, select_body, {"sketches": sketch_result["sketches"]})
 
@@ -271,7 +278,7 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
         ingest_result = _require(root, "ingest", ingest_key)
         select_result = _require(root, "select", select_key)
 
-        def train_body(out_dir: Path) -> dict[str, Any]:
+        def train_body(dirs: StageDirs) -> dict[str, Any]:
             from spice_ray.train import run_train_stage
 
             init_ray(cfg.run.ray_address)
@@ -281,11 +288,34 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
                 selection_path=select_result["selection"],
                 model_path=models["target"],
                 tokenizer_path=models["tokenizer"],
-                out_dir=str(out_dir),
+                out_dir=dirs.uri,
                 max_tokens=cfg.corpus.max_tokens,
             )
 
         outcomes["train"] = run_stage(root, "train", train_key, cfg, train_body, {"selection": select_result["selection"], "target": models["target_fingerprint"]})
+
+    # eval: held-out loss / perplexity of the base and the fine-tuned target (spice_ray.evaluate)
+    from spice_ray.evaluate import inputs_key as eval_inputs_key
+
+    eval_key = _stage_key(cfg, "eval", [train_key, models_key_full, eval_inputs_key(cfg.eval.paths)])
+    if "eval" in wanted:
+        train_result = _require(root, "train", train_key)
+        select_result = _require(root, "select", select_key)
+
+        def eval_body(dirs: StageDirs) -> dict[str, Any]:
+            from spice_ray.evaluate import run_eval_stage
+
+            init_ray(cfg.run.ray_address)
+            return run_eval_stage(
+                cfg,
+                out_dir=str(dirs.local),
+                base_model=models["target"],
+                tuned_model=train_result["model"],
+                tokenizer_path=models["tokenizer"],
+                selection_path=select_result["selection"],
+            )
+
+        outcomes["eval"] = run_stage(root, "eval", eval_key, cfg, eval_body, {"model": train_result["model"], "paths": cfg.eval.paths or ["<demo>"]})
     if any(not o.skipped for o in outcomes.values()):
         record_history(root, outcomes)
     return outcomes
@@ -294,7 +324,7 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
 HISTORY = "history"
 
 
-def record_history(root: RunRoot, outcomes: dict[str, StageOutcome]) -> Path:
+def record_history(root: RunRoot, outcomes: dict[str, StageOutcome]) -> str:
     """Keep this invocation's stage results and selection under ``history/<time>-<key>/``.
 
     A scheduled curation reruns the same root over a grown corpus; the history keeps every run's
@@ -302,8 +332,7 @@ def record_history(root: RunRoot, outcomes: dict[str, StageOutcome]) -> Path:
     """
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     last = outcomes[list(outcomes)[-1]].manifest.get("key", "")[:8]
-    entry = root.path / HISTORY / f"{stamp}-{last}"
-    entry.mkdir(parents=True, exist_ok=True)
+    entry = f"{HISTORY}/{stamp}-{last}"
     record = {
         "finished": datetime.now(UTC).isoformat(),
         "stages": {
@@ -311,26 +340,32 @@ def record_history(root: RunRoot, outcomes: dict[str, StageOutcome]) -> Path:
             for name, o in outcomes.items()
         },
     }
-    if "select" in outcomes:
-        select_dir = root.stage_dir("select")
-        for name in ("selection.parquet", "summary.json"):
-            if (select_dir / name).exists():
-                shutil.copy2(select_dir / name, entry / name)
-    write_text_atomic(entry / "run.json", json.dumps(record, indent=2, sort_keys=True, default=str))
-    return entry
+    store = root.store
+    for name in ("selection.parquet", "summary.json"):
+        if "select" in outcomes and store.exists(f"select/{name}"):
+            store.copy(f"select/{name}", f"{entry}/{name}")
+    store.write_text(f"{entry}/run.json", json.dumps(record, indent=2, sort_keys=True, default=str))
+    return store.uri(entry)
 
 
 def list_runs(root: str | Path) -> list[dict[str, Any]]:
     """One row per recorded invocation of a run root, oldest first."""
+    store = Store(str(root))
+    if not store.exists(HISTORY):
+        return []
+    entries = sorted(i.path for i in store.fs.get_file_info(pafs.FileSelector(store.path(HISTORY))) if i.type == pafs.FileType.Directory)
     rows = []
-    for entry in sorted((Path(root) / HISTORY).glob("*/run.json")):
-        stages = json.loads(entry.read_text())["stages"]
+    for entry in entries:
+        name = entry.rsplit("/", 1)[-1]
+        if not store.exists(f"{HISTORY}/{name}/run.json"):
+            continue
+        stages = json.loads(store.read_text(f"{HISTORY}/{name}/run.json"))["stages"]
         ingest = (stages.get("ingest") or {}).get("result") or {}
         sketch = (stages.get("sketch") or {}).get("result") or {}
         select = (stages.get("select") or {}).get("result") or {}
         rows.append(
             {
-                "run": entry.parent.name,
+                "run": name,
                 "records": ingest.get("n_kept"),
                 "quarantined": ingest.get("n_quarantined"),
                 "sketched": sketch.get("n_computed", sketch.get("n_sketches")),
@@ -338,7 +373,7 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
                 "method": select.get("method"),
                 "logdet": select.get("logdet"),
                 "mean_conflict": select.get("mean_conflict"),
-                "redone": [name for name, s in stages.items() if not s["skipped"]],
+                "redone": [stage for stage, s in stages.items() if not s["skipped"]],
             }
         )
     return rows
@@ -359,5 +394,5 @@ def _corpus_inputs_key(cfg: Config) -> str:
 
 def _require(root: RunRoot, stage: str, key: str) -> dict[str, Any]:
     if root.marker_key(stage) != key:
-        raise RuntimeError(f"stage {stage!r} has not finished for this config under {root.path}; run it first")
+        raise RuntimeError(f"stage {stage!r} has not finished for this config under {root.uri}; run it first")
     return root.manifest(stage)["result"]

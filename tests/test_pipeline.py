@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spice_ray.config import load_config
-from spice_ray.pipeline import STAGES, run_pipeline
+from spice_ray.pipeline import STAGES, list_runs, run_pipeline
 from spice_ray.select import logdet_of, read_sketches
 
 pytestmark = pytest.mark.slow
@@ -90,3 +90,9 @@ def test_changed_select_config_reruns_select_and_train_only(finished_run, tmp_pa
     assert outcomes["models"].skipped and outcomes["ingest"].skipped and outcomes["sketch"].skipped
     assert not outcomes["select"].skipped
     assert outcomes["select"].manifest["result"]["method"] == "spice"
+    # every invocation that did work is in the history, with its own selection
+    runs = list_runs(root)
+    assert [r["redone"] for r in runs] == [list(STAGES), ["select"]]
+    assert runs[0]["selected"] == runs[1]["selected"] and runs[0]["records"] == runs[1]["records"]
+    history = sorted((root / "history").iterdir())
+    assert all((h / "selection.parquet").exists() for h in history)

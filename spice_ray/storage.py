@@ -1,0 +1,142 @@
+"""Run-root storage: a local directory or an object store (``s3://``, ``gs://``) through pyarrow.fs.
+
+Credentials come from the environment as pyarrow reads them (``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL``, ``GOOGLE_APPLICATION_CREDENTIALS`` …); they are
+never part of a URI we log or store. Paths under a root cannot escape it (``..`` is refused).
+
+Writes are atomic: a local file is written under a temporary name and renamed; an object store PUT
+of one object is atomic by itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import pyarrow.fs as pafs
+
+REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(REMOTE_SCHEMES)
+
+
+def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the path inside it for a local path or a remote URI."""
+    if is_remote(uri):
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def _check_relative(rel: str) -> str:
+    parts = PurePosixPath(rel).parts
+    if PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+        raise ValueError(f"path {rel!r} would escape the run root")
+    return "/".join(parts)
+
+
+@dataclass
+class Store:
+    """A run root. ``uri(rel)`` gives a string that pyarrow, Ray Data and Ray Train all accept."""
+
+    root: str
+    fs: pafs.FileSystem = field(init=False, repr=False)
+    base: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fs, self.base = resolve_filesystem(self.root)
+        self.base = self.base.rstrip("/")
+        if self.is_local:
+            self.root = self.base
+        self.fs.create_dir(self.base, recursive=True)
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    def path(self, rel: str = "") -> str:
+        """The filesystem path (no scheme) of ``rel`` under the root."""
+        rel = _check_relative(rel) if rel else ""
+        return f"{self.base}/{rel}" if rel else self.base
+
+    def uri(self, rel: str = "") -> str:
+        """``rel`` under the root as a full URI (a plain absolute path when local)."""
+        if self.is_local:
+            return self.path(rel)
+        scheme = self.root.split("://", 1)[0]
+        return f"{scheme}://{self.path(rel)}"
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.get_file_info(self.path(rel)).type != pafs.FileType.NotFound
+
+    def read_text(self, rel: str) -> str:
+        with self.fs.open_input_stream(self.path(rel)) as fh:
+            return fh.read().decode()
+
+    def write_text(self, rel: str, text: str) -> None:
+        target = self.path(rel)
+        parent = target.rsplit("/", 1)[0]
+        self.fs.create_dir(parent, recursive=True)
+        if self.is_local:
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+            with os.fdopen(fd, "w") as fh:
+                fh.write(text)
+            os.replace(tmp, target)
+        else:
+            with self.fs.open_output_stream(target) as fh:
+                fh.write(text.encode())
+
+    def copy(self, src_rel: str, dst_rel: str) -> None:
+        """Copy one file under the root."""
+        dst = self.path(dst_rel)
+        self.fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+        self.fs.copy_file(self.path(src_rel), dst)
+
+    def delete(self, rel: str) -> None:
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(info.path)
+
+    def upload_dir(self, local_dir: str | Path, rel: str, *, replace: bool = True) -> str:
+        """Copy a local directory under the root (first removing what is there when ``replace``);
+        returns its URI."""
+        if self.is_local and Path(local_dir).resolve() == Path(self.path(rel)):
+            return self.uri(rel)
+        if replace:
+            self.delete(rel)
+        self.fs.create_dir(self.path(rel), recursive=True)
+        pafs.copy_files(str(local_dir), self.path(rel), source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.fs)
+        return self.uri(rel)
+
+
+def ensure_local(uri: str, cache_dir: str | Path | None = None) -> str:
+    """A local directory holding ``uri``: the path itself when local, else a cached download.
+
+    Hub ids (neither a local path nor a remote URI) pass through unchanged for from_pretrained.
+    """
+    if not is_remote(uri):
+        return uri
+    cache = Path(cache_dir or os.environ.get("SPICE_CACHE", Path.home() / ".cache" / "spice-ray")) / "remote"
+    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    done = target / ".complete"
+    if done.exists():
+        return str(target)
+    fs, path = resolve_filesystem(uri)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".dl-"))
+    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    (tmp / ".complete").write_text(uri + "\n")
+    try:
+        os.replace(tmp, target)  # a complete download appears at once, or not at all
+    except OSError:  # another worker on this node finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not done.exists():
+            raise
+    return str(target)

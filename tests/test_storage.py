@@ -1,0 +1,51 @@
+"""Run-root storage and secrets: paths cannot escape the root; credentials never reach disk."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from spice_ray.config import load_config, redact
+from spice_ray.pipeline import run_pipeline
+from spice_ray.storage import Store, ensure_local
+
+
+def test_paths_cannot_escape_the_root(tmp_path):
+    store = Store(str(tmp_path / "root"))
+    for bad in ("../x", "a/../../x", "/etc/passwd", "a\\..\\b"):
+        with pytest.raises(ValueError, match="escape"):
+            store.path(bad)
+    store.write_text("a/b.txt", "hi")
+    assert store.read_text("a/b.txt") == "hi" and store.exists("a/b.txt")
+    assert not list((tmp_path / "root" / "a").glob(".tmp-*"))  # atomic write left no temp file
+    store.copy("a/b.txt", "c/d.txt")
+    assert (tmp_path / "root" / "c" / "d.txt").read_text() == "hi"
+    assert ensure_local(str(tmp_path)) == str(tmp_path)  # local paths and hub ids pass through
+    assert ensure_local("Qwen/Qwen2-0.5B") == "Qwen/Qwen2-0.5B"
+
+
+def test_redact_masks_credentials():
+    data = {
+        "root": "s3://AKIAXXX:s3cr3t@bucket/run",
+        "addr": "http://h:8265/?token=abc&x=1",
+        "hf_token": "hf_abc",
+        "aws_secret_access_key": "zzz",
+        "n": 3,
+        "paths": ["gs://user:pw@b/x", "/plain/path"],
+    }
+    out = redact(data)
+    text = repr(out)
+    for secret in ("s3cr3t", "AKIAXXX", "abc", "hf_abc", "zzz", "pw@"):
+        assert secret not in text
+    assert out["n"] == 3 and out["paths"][1] == "/plain/path" and out["root"].endswith("@bucket/run")
+
+
+def test_saved_config_and_manifest_are_redacted(tmp_path):
+    root = tmp_path / "run"
+    cfg = load_config(None, [f"run.root={root}", "corpus.demo_size=20", "run.ray_address=http://me:hunter2@127.0.0.1:1"])
+    run_pipeline(cfg, stages=["ingest"])  # models + ingest: no Ray needed
+    saved = (root / "config.yaml").read_text()
+    manifest = (root / "ingest" / "manifest.json").read_text()
+    assert "hunter2" not in saved and "hunter2" not in manifest
+    assert yaml.safe_load(saved)["run"]["ray_address"] == "http://***@127.0.0.1:1"
+    assert '"trust_remote_code": false' in (root / "models" / "manifest.json").read_text()
