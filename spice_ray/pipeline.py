@@ -108,6 +108,48 @@ def _stage_key(cfg: Config, stage: str, upstream_keys: list[str]) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+HASH_LIMIT = 512 * 1024**2  # files above this are checked by size only (hashing would re-read them)
+
+
+def _sha256(store: Store, rel: str) -> str:
+    h = hashlib.sha256()
+    with store.fs.open_input_stream(store.path(rel)) as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def artifact_digests(store: Store, stage: str, result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file a stage's result points to inside the stage directory."""
+    prefix = store.uri(stage) + "/"
+    out: dict[str, dict[str, Any]] = {}
+    for value in result.values():
+        if not (isinstance(value, str) and value.startswith(prefix)):
+            continue
+        info = store.fs.get_file_info(store.path(f"{stage}/{value[len(prefix):]}"))
+        infos = [info] if info.type == pafs.FileType.File else []
+        if info.type == pafs.FileType.Directory:
+            infos = [i for i in store.fs.get_file_info(pafs.FileSelector(info.path, recursive=True)) if i.type == pafs.FileType.File]
+        for i in infos:
+            rel = i.path[len(store.path()) + 1 :]
+            out[rel] = {"bytes": i.size, "sha256": _sha256(store, rel) if i.size <= HASH_LIMIT else None}
+    return dict(sorted(out.items()))
+
+
+def verify_artifacts(store: Store, outputs: dict[str, dict[str, Any]]) -> list[str]:
+    """The recorded artifacts that are missing, resized or changed (empty: all intact)."""
+    damaged = []
+    for rel, want in outputs.items():
+        info = store.fs.get_file_info(store.path(rel))
+        if info.type != pafs.FileType.File:
+            damaged.append(f"{rel} missing")
+        elif info.size != want["bytes"]:
+            damaged.append(f"{rel} is {info.size} bytes, expected {want['bytes']}")
+        elif want.get("sha256") and _sha256(store, rel) != want["sha256"]:
+            damaged.append(f"{rel} content changed")
+    return damaged
+
+
 def run_stage(
     root: RunRoot,
     stage: str,
@@ -122,11 +164,15 @@ def run_stage(
     commit point: a stage without its marker is never trusted downstream).
     """
     if root.marker_key(stage) == key:
-        logger.info("%s: finished earlier, skipped", stage)
-        return StageOutcome(stage, skipped=True, manifest=root.manifest(stage))
-    if root.marker_key(stage) is not None:
+        manifest = root.manifest(stage)
+        damaged = verify_artifacts(root.store, manifest.get("outputs", {}))
+        if not damaged:
+            logger.info("%s: finished earlier, skipped", stage)
+            return StageOutcome(stage, skipped=True, manifest=manifest)
+        logger.warning("%s: artifacts missing or corrupted (%s); recomputing", stage, "; ".join(damaged))
+    elif root.marker_key(stage) is not None:
         logger.warning("%s: config or inputs changed since it finished; recomputing", stage)
-        root.store.delete(f"{stage}/{MARKER}")
+    root.store.delete(f"{stage}/{MARKER}")
     started = time.time()
     logger.info("%s: started", stage)
     with tempfile.TemporaryDirectory(prefix=f"spice-{stage}-") as staging:
@@ -143,6 +189,7 @@ def run_stage(
         "config": redact(cfg.model_dump(mode="json")),
         "versions": versions(),
         "result": result,
+        "outputs": artifact_digests(root.store, stage, result),
         "started": datetime.fromtimestamp(started, UTC).isoformat(),
         "finished": datetime.fromtimestamp(finished, UTC).isoformat(),
         "seconds": round(finished - started, 3),

@@ -49,3 +49,22 @@ def test_saved_config_and_manifest_are_redacted(tmp_path):
     assert "hunter2" not in saved and "hunter2" not in manifest
     assert yaml.safe_load(saved)["run"]["ray_address"] == "http://***@127.0.0.1:1"
     assert '"trust_remote_code": false' in (root / "models" / "manifest.json").read_text()
+
+
+def test_corrupted_artifact_is_detected_and_recomputed(tmp_path, caplog):
+    cfg = load_config(None, [f"run.root={tmp_path / 'run'}", "corpus.demo_size=30"])
+    first = run_pipeline(cfg, stages=["ingest"])["ingest"]
+    records = tmp_path / "run" / "ingest" / "records.parquet"
+    outputs = first.manifest["outputs"]
+    assert outputs["ingest/records.parquet"]["bytes"] == records.stat().st_size
+    good = records.read_bytes()
+    assert run_pipeline(cfg, stages=["ingest"])["ingest"].skipped  # intact: skipped
+
+    records.write_bytes(good[: len(good) // 2])  # a truncated artifact, as a crash or a bad copy leaves
+    with caplog.at_level("WARNING"):
+        again = run_pipeline(cfg, stages=["ingest"])["ingest"]
+    assert not again.skipped and "records.parquet is" in caplog.text
+    assert records.read_bytes() == good  # recomputed, identical
+
+    records.unlink()  # a missing one too
+    assert not run_pipeline(cfg, stages=["ingest"])["ingest"].skipped and records.exists()
