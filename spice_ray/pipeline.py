@@ -206,6 +206,9 @@ def init_ray(address: str | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        # a local single-machine Ray (the demo): keep it on 127.0.0.1
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     ray.init(address=address, ignore_reinit_error=True)
 
 
