@@ -43,6 +43,14 @@ def _run(cfg: Config, stages: list[str] | None) -> dict[str, Any]:
     return run_pipeline(cfg, stages=stages)
 
 
+def _eval_line(name: str, entry: dict[str, Any]) -> str:
+    def fmt(m: dict[str, Any] | None) -> str:
+        return "n/a" if not m or m.get("loss") is None else f"loss {m['loss']:.4f} (ppl {m['perplexity']:.2f})"
+
+    base = f"base {fmt(entry.get('base'))} → " if "base" in entry else ""
+    return f"{name} ({entry.get('n', 0)} rows, {entry.get('tokens', 0)} tokens): {base}tuned {fmt(entry.get('tuned'))}"
+
+
 def _print_summary(cfg: Config, outcomes: dict[str, Any]) -> None:
     console.rule("spice-ray run summary")
     for name, outcome in outcomes.items():
@@ -60,6 +68,8 @@ def _print_summary(cfg: Config, outcomes: dict[str, Any]) -> None:
             )
         elif name == "train":
             line = f"{r['steps']} steps, final loss {r['loss']:.4f}, model: {r['model']}"
+        elif name == "eval":
+            line = "; ".join(_eval_line(s, e) for s, e in r.get("sets", {}).items()) or "no eval sets"
         else:
             line = f"proxy {r.get('proxy')}"
         console.print(f"[bold]{name:<7}[/bold] {state:<24} {line}")
@@ -170,6 +180,46 @@ def runs(run_root: Annotated[Path, typer.Argument(help="A run root that has been
         conflict = "" if r["mean_conflict"] is None else f"{r['mean_conflict']:.4f}"
         table.add_row(r["run"], *(str(r[k] if r[k] is not None else "") for k in ("records", "quarantined", "sketched", "selected", "method")), logdet, conflict, ",".join(r["redone"]))
     console.print(table)
+
+
+@app.command("eval")
+def eval_command(
+    run_root: Annotated[Path | None, typer.Argument(help="A run root whose train stage has finished (uses its config.yaml).")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    lm_eval: Annotated[str | None, typer.Option("--lm-eval", help="lm-eval-harness tasks (comma-separated) for the exported model.")] = None,
+    lm_eval_limit: Annotated[float | None, typer.Option("--lm-eval-limit", help="Examples per lm-eval task (a fraction if < 1).")] = None,
+    lm_eval_include: Annotated[Path | None, typer.Option("--lm-eval-include", help="Directory of extra lm-eval task YAMLs.")] = None,
+    lm_eval_batch_size: Annotated[int, typer.Option("--lm-eval-batch-size", help="lm-eval batch size.")] = 8,
+) -> None:
+    """Held-out loss / perplexity of the base and fine-tuned model (eval stage); optionally lm-eval tasks."""
+    from spice_ray.evaluate import LM_EVAL_FILE, lm_eval_available, run_lm_eval
+
+    if lm_eval and not lm_eval_available():  # say so before any work
+        console.print("[red]error:[/red] --lm-eval needs lm-eval-harness: pip install 'spice-ray\\[eval]' (or pip install lm-eval)", soft_wrap=True)
+        raise typer.Exit(2)
+    if run_root is not None:
+        if not (run_root / "config.yaml").is_file():
+            console.print(f"[red]error:[/red] no run at {run_root} (no config.yaml)")
+            raise typer.Exit(2)
+        cfg = _load(config or run_root / "config.yaml", set_, str(run_root))
+    else:
+        cfg = _load(config, set_, None)
+    outcomes = _run(cfg, ["eval"])
+    _print_summary(cfg, outcomes)
+    console.print(f"results:  {Path(cfg.run.root) / 'eval' / 'results.json'}")
+    if lm_eval:
+        model_dir = outcomes["eval"].manifest["result"]["models"]["tuned"]
+        tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
+        out = Path(cfg.run.root) / "eval" / LM_EVAL_FILE
+        results = run_lm_eval(
+            model_dir, tasks, out_path=out, limit=lm_eval_limit, batch_size=lm_eval_batch_size,
+            include_path=str(lm_eval_include) if lm_eval_include else None,
+        )
+        for task, metrics in results.get("results", {}).items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool))
+            console.print(f"[bold]lm-eval[/bold] {task}: {shown}")
+        console.print(f"lm-eval:  {out}")
 
 
 @app.command("config")

@@ -423,7 +423,7 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
                 "method": select.get("method"),
                 "logdet": select.get("logdet"),
                 "mean_conflict": select.get("mean_conflict"),
-                "redone": [stage for stage, s in stages.items() if not s["skipped"]],
+                "redone": [stage for stage in STAGES if stage in stages and not stages[stage]["skipped"]],
             }
         )
     return rows

@@ -1,7 +1,10 @@
-"""The per-worker train loop (runs inside each Ray Train worker): DeepSpeed ZeRO on the selection.
+"""The per-worker train loop: DeepSpeed ZeRO on the selection, under Ray Train or in one plain process.
 
-``train_loop_per_worker(config)`` is what ``TorchTrainer`` runs; ``config`` is a plain dict built by
-``spice_ray.train.trainer.run_train_stage``:
+``train_loop_per_worker(config)`` is what ``TorchTrainer`` runs; ``run_loop(config, session)`` is the
+loop itself, with ``session`` the only thing that differs between Ray Train (:class:`RaySession`) and
+one process without Ray (:class:`LocalSession`, used by ``benchmarks/train_overhead.py`` to measure
+what the Ray Train wrapper costs). ``config`` is a plain dict built by
+``spice_ray.train.trainer.loop_config``:
 
     train          TrainConfig.model_dump()
     model          ModelConfig.model_dump()
@@ -10,33 +13,50 @@
     export_dir     where rank 0 writes the final model (Hugging Face format)
     use_gpu        bool, resolved on the driver
     pad_id         the tokenizer's pad id (default: the model config's, else 0)
+    total_steps    optimizer steps the LR schedule spans (planned on the driver)
     torch_extensions_dir  optional cache for DeepSpeed's JIT-built C++ ops
+    torch_threads  optional torch.set_num_threads (benchmarks)
 
-Data: Ray Train V2's default ``DataConfig`` splits the "train" dataset with
-``streaming_split(world_size, equal=True)``, so every rank gets the same number of rows and so the
-same number of micro-batches and optimizer steps (no rank waits in a collective the others never
-reach). Which rows a rank gets is decided at run time (blocks go to whichever shard asks), so a
-resumed run skips as many micro-batches of the interrupted epoch as had been consumed, not exactly
-the same rows.
+Data: each worker reads its shard in windows of ``micro_batch_size × length_window`` rows. With
+``group_by_length`` a window is sorted by length and cut into micro-batches whose order is then
+shuffled (seeded by seed, epoch, rank and window), so a micro-batch holds rows of similar length
+(little padding) while the order of lengths stays random. Every rank must run the same number of
+micro-batches, or a ZeRO collective waits forever for a rank that has run out of data: Ray Train's
+default split (``streaming_split(equal=True)``) gives every rank the same number of rows, and the
+loop guards on top of that: before each window the ranks all-reduce (MIN) how many micro-batches
+they have, run that many, and count the rest as dropped; a rank whose shard has run out offers 0,
+which ends the epoch on every rank. Which rows a rank gets is decided at run time (blocks go to
+whichever shard asks), so a resumed run skips as many micro-batches of the interrupted epoch as had
+been consumed, not exactly the same rows.
 
 Checkpoints: every ``checkpoint_every`` optimizer steps and at the end, every rank calls
 ``engine.save_checkpoint`` into its own temporary directory (DeepSpeed writes per-rank ZeRO shards;
 rank 0 also writes the module states and ``train_state.json``) and then ``ray.train.report`` with
-it; Ray Train merges the ranks' files into one checkpoint directory. With LoRA, frozen base weights
-are left out of the checkpoint (``exclude_frozen_parameters``). On start, ``ray.train.get_checkpoint``
-(the latest checkpoint of the same ``RunConfig(name, storage_path)``) is loaded and training
-continues from its step.
+it; Ray Train merges the ranks' files into one checkpoint directory and keeps the latest
+``keep_checkpoints``. With LoRA, frozen base weights are left out (``exclude_frozen_parameters``).
+On start, the latest checkpoint of the same ``RunConfig(name, storage_path)`` (``get_checkpoint``:
+after a worker failure within one ``fit``, or on a rerun) is loaded and training continues from its
+step, with the optimizer, LR schedule and metric history it had.
+
+Metric-only reports: Ray Train V2 holds one unconsumed report per worker and its controller takes
+one per health check (every 2 s); a worker that reports faster blocks in ``report``. So the loop
+reports metrics without a checkpoint at most every ``report_interval_s`` seconds (rank 0 decides; the
+decision rides on the per-step all-reduce of the metrics) and keeps every step in its own history,
+which is written to ``metrics.jsonl``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,35 +76,170 @@ def torch_extensions_dir(configured: str | None = None) -> str:
     return os.path.expanduser(os.environ.get("TORCH_EXTENSIONS_DIR") or configured or DEFAULT_TORCH_EXTENSIONS_DIR)
 
 
-def constant_lr(_step: int) -> float:
-    """LR multiplier of the (for now constant) schedule; a module-level function so it pickles."""
-    return 1.0
+# ------------------------------------------------------------------------------------------- sessions
 
 
-def _collate(batch: dict[str, Any], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+class RaySession:
+    """The loop's view of a Ray Train worker: rank, data shard, latest checkpoint, report."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self._shard = ray.train.get_dataset_shard("train")
+
+    def iter_windows(self, rows: int) -> Iterator[dict[str, Any]]:
+        return self._shard.iter_batches(batch_size=rows, batch_format="numpy", prefetch_batches=1)
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as path:
+            yield path
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class LocalSession:
+    """One process without Ray Train: rows from an in-memory table, checkpoints under ``ckpt_root``
+    (``checkpoint_000000``, ...). torch.distributed must be initialized (world size 1, gloo)."""
+
+    def __init__(self, table: Any, ckpt_root: str | Path, keep: int = 2) -> None:
+        self.rank, self.world_size = 0, 1
+        self.columns = {name: table.column(name).to_pylist() for name in ("input_ids", "labels")}
+        self.n_rows = table.num_rows
+        self.root = Path(ckpt_root)
+        self.keep = keep
+        self.reports: list[dict[str, Any]] = []
+
+    def iter_windows(self, rows: int) -> Iterator[dict[str, Any]]:
+        for start in range(0, self.n_rows, rows):
+            yield {name: col[start : start + rows] for name, col in self.columns.items()}
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted(self.root.glob("checkpoint_*")) if self.root.exists() else []
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        found = self._checkpoints()
+        yield str(found[-1]) if found else None
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        self.reports.append(metrics)
+        if checkpoint_dir is None:
+            return
+        found = self._checkpoints()
+        index = int(found[-1].name.rsplit("_", 1)[1]) + 1 if found else 0
+        shutil.copytree(checkpoint_dir, self.root / f"checkpoint_{index:06d}")
+        for old in self._checkpoints()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def local_process_group(rendezvous_file: str | Path) -> Iterator[None]:
+    """torch.distributed with gloo at world size 1 in this process (what a ``LocalSession`` needs),
+    with the environment DeepSpeed reads (RANK, LOCAL_RANK, WORLD_SIZE); undone on exit. Once per
+    process: DeepSpeed caches its process groups, so engines of a later group would fail."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    dist.init_process_group("gloo", init_method=f"file://{Path(rendezvous_file).resolve()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def micro_batches(lengths: list[int], micro_batch_size: int, *, group: bool, rng: random.Random) -> list[list[int]]:
+    """Row indices of one window's micro-batches.
+
+    Without grouping: consecutive rows. With grouping: rows sorted by length (stable), cut into
+    micro-batches, and the micro-batches' order shuffled with ``rng``. Either way every micro-batch
+    but the last holds ``micro_batch_size`` rows, so the count is ceil(rows / micro_batch_size).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__) if group else list(range(len(lengths)))
+    chunks = [order[i : i + micro_batch_size] for i in range(0, len(order), micro_batch_size)]
+    if group:
+        rng.shuffle(chunks)
+    return chunks
+
+
+def padding_fraction(lengths: list[int], chunks: list[list[int]]) -> float:
+    """Share of padding tokens when ``chunks`` are right-padded to their longest row."""
+    real = sum(lengths)
+    padded = sum(len(c) * max(lengths[i] for i in c) for c in chunks if c)
+    return 1.0 - real / padded if padded else 0.0
+
+
+def _collate(window: dict[str, Any], rows: list[int], pad_id: int, max_length: int | None, device: torch.device) -> dict[str, torch.Tensor]:
     from spice_ray.corpus.tokenize import Encoded, pad_batch
 
-    encodeds = [
-        Encoded(input_ids=[int(t) for t in ids], labels=[int(t) for t in labels], n_tokens=len(ids))
-        for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True)
-    ]
+    encodeds = []
+    for i in rows:
+        ids = [int(t) for t in window["input_ids"][i]][:max_length]
+        labels = [int(t) for t in window["labels"][i]][:max_length]
+        encodeds.append(Encoded(input_ids=ids, labels=labels, n_tokens=len(ids)))
     padded = pad_batch(encodeds, pad_id)
     return {k: v.to(device) for k, v in padded.items()}
 
 
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+# ------------------------------------------------------------------------------------- collectives
+
+
+def _dist():
     import torch.distributed as dist
 
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _all_reduce(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """All-reduce a few scalars (a no-op at world size 1). float64 on CPU, float32 on GPU (NCCL)."""
+    dist = _dist()
+    if dist is None:
+        return [float(v) for v in values]
     t = torch.tensor(values, dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
     return [float(v) for v in t.cpu()]
+
+
+# -------------------------------------------------------------------------------------------- model
 
 
 def _build_model(mcfg: ModelConfig, tcfg: TrainConfig, model_path: str, dtype: str = "float32"):
     from spice_ray.models import add_lora, load_causal_lm
 
     model = load_causal_lm(model_path, trust_remote_code=mcfg.trust_remote_code, dtype=dtype)
+    if tcfg.gradient_checkpointing:
+        # non-reentrant checkpointing: no need for inputs that require grad (frozen embeddings + LoRA)
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model.config.use_cache = False
     if tcfg.lora:
         model = add_lora(
             model,
@@ -95,6 +250,25 @@ def _build_model(mcfg: ModelConfig, tcfg: TrainConfig, model_path: str, dtype: s
             seed=mcfg.init_seed,
         )
     return model
+
+
+def _optimizer(tcfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """AdamW; DeepSpeedCPUAdam (AdamW mode) under offload, as ZeRO-Offload requires (JIT-built once)."""
+    if tcfg.offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+
+
+def _set_schedule(scheduler: Any, schedule: Any) -> None:
+    """Put ``schedule`` into a (restored) LambdaLR and set each group's LR for its next step."""
+    for i, group in enumerate(scheduler.optimizer.param_groups):
+        scheduler.lr_lambdas[i] = schedule
+        group["lr"] = scheduler.base_lrs[i] * schedule(scheduler.last_epoch)
+
+
+# ------------------------------------------------------------------------------------------- export
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -154,21 +328,23 @@ def export_model(
     model's logits are compared with the trained (unmerged) module's on a short sample and the max
     abs difference is returned (ZeRO-2 only: there rank 0 holds the full module).
     Full fine-tuning: ZeRO-2 ranks hold full weights, so rank 0 saves its module; under ZeRO-3 the
-    16-bit weights are consolidated on rank 0 first.
+    16-bit weights are gathered from every rank's shard onto rank 0 first
+    (``stage3_gather_16bit_weights_on_model_save``).
     The model is written to a temporary directory beside ``export_dir`` and renamed into place.
     """
     import torch.distributed as dist
 
     from spice_ray.models import load_tokenizer
 
+    stage = tcfg.resolved_zero_stage
     rank = dist.get_rank() if dist.is_initialized() else 0
     out: dict[str, Any] = {"export_dir": export_dir}
     if tcfg.lora:
-        adapter = _gathered_trainable_state(engine, tcfg.zero_stage)
+        adapter = _gathered_trainable_state(engine, stage)
         full_state = None
     else:
         adapter = None
-        full_state = engine._zero3_consolidated_16bit_state_dict() if tcfg.zero_stage == 3 else None
+        full_state = engine._zero3_consolidated_16bit_state_dict() if stage == 3 else None
     if rank != 0:
         return out
 
@@ -185,20 +361,23 @@ def export_model(
     t0 = time.time()
     if tcfg.lora:
         assert adapter is not None
-        peft_model = _build_model(mcfg, tcfg, model_path, dtype="float32")
+        plain = tcfg.model_copy(update={"gradient_checkpointing": False})
+        peft_model = _build_model(mcfg, plain, model_path, dtype="float32")
         result = set_peft_model_state_dict(peft_model, adapter)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RuntimeError(f"LoRA export: adapter keys not found in the model: {unexpected[:5]}")
         merged = peft_model.merge_and_unload()
         merged.eval()
-        if tcfg.zero_stage == 2:
+        if stage == 2:
             out["export_max_abs_diff"] = _merge_check(engine.module, merged)
         if dtype != "float32":
             merged = merged.to(getattr(torch, dtype))
         merged.save_pretrained(tmp, safe_serialization=True)
     else:
         module = engine.module
+        if getattr(module.config, "use_cache", None) is False:
+            module.config.use_cache = True  # training switched it off for gradient checkpointing
         module.save_pretrained(tmp, state_dict=full_state, safe_serialization=True)
     load_tokenizer(tokenizer_path, trust_remote_code=mcfg.trust_remote_code).save_pretrained(tmp)
     if remote:
@@ -225,8 +404,24 @@ def _merge_check(trained, merged) -> float:
     return float((a - b).abs().max())
 
 
+def _peak_memory_gb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "cuda_max_allocated"
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "cpu_max_rss"  # ru_maxrss: KiB on Linux
+
+
+# --------------------------------------------------------------------------------------------- loop
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """One Ray Train worker's loop. Returns (on rank 0) the metric history and the export info."""
+    """What ``TorchTrainer`` runs on each worker (torch.distributed already set up by Ray Train)."""
+    return run_loop(config, RaySession())
+
+
+def run_loop(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
+    """One worker's loop. Returns (on rank 0) the metric history, throughput, memory and export info."""
     t_enter = time.time()
     timings: dict[str, float] = {}
     os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir(config.get("torch_extensions_dir"))
@@ -234,26 +429,28 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     logging.basicConfig(level=logging.INFO)
 
     import deepspeed
-    import ray.train
 
-    from spice_ray.train.deepspeed_config import deepspeed_config
+    from spice_ray.train.deepspeed_config import LRSchedule, deepspeed_config
 
     timings["imports"] = round(time.time() - t_enter, 3)
     tcfg = TrainConfig.model_validate(config["train"])
     mcfg = ModelConfig.model_validate(config["model"])
+    if config.get("torch_threads"):  # benchmarks pin it so both launch modes compute alike
+        torch.set_num_threads(int(config["torch_threads"]))
     use_gpu = bool(config["use_gpu"])
-    ctx = ray.train.get_context()
-    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world_size = session.rank, session.world_size
     torch.manual_seed(tcfg.seed + rank)
+    dtype = "bfloat16" if use_gpu else "float32"
 
-    model = _build_model(mcfg, tcfg, config["model_path"])
+    model = _build_model(mcfg, tcfg, config["model_path"], dtype=dtype)
     pad_id = config.get("pad_id")
     if pad_id is None:
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
-    optimizer = torch.optim.AdamW(trainable, lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, constant_lr)
+    optimizer = _optimizer(tcfg, trainable)
+    total_steps = int(config.get("total_steps") or tcfg.max_steps or 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(total_steps, tcfg.warmup_ratio, tcfg.lr_scheduler))
     ds_config = deepspeed_config(tcfg, world_size=world_size, use_gpu=use_gpu)
     t0 = time.time()
     engine, _, _, _ = deepspeed.initialize(
@@ -261,7 +458,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         optimizer=optimizer,
         lr_scheduler=scheduler,
         config=ds_config,
-        dist_init_required=False,  # Ray Train's TorchConfig already set up torch.distributed
+        dist_init_required=False,  # Ray Train's TorchConfig (or the caller) already set up torch.distributed
     )
     timings["setup"] = round(time.time() - t_enter, 3)
     logger.info("rank %d: deepspeed.initialize took %.1f s (%d trainable params)", rank, time.time() - t0, n_trainable)
@@ -270,9 +467,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     # ---- resume
     state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "history": []}
     resumed_from: int | None = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as ckpt_dir:
+    with session.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is not None:
             state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
             if state.get("world_size", world_size) != world_size:
                 raise RuntimeError(
@@ -287,22 +483,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                 load_optimizer_states=True,
                 load_lr_scheduler_states=True,
             )
-        if load_path is None:
-            raise RuntimeError(f"could not load the DeepSpeed checkpoint {state['tag']} from {checkpoint}")
-        if engine.global_steps != state["step"]:
-            raise RuntimeError(f"checkpoint step mismatch: engine {engine.global_steps} vs state {state['step']}")
-        resumed_from = state["step"]
-        logger.info("rank %d: resumed from step %d (epoch %d, batch %d)", rank, state["step"], state["epoch"], state["batches_in_epoch"])
+            if load_path is None:
+                raise RuntimeError(f"could not load the DeepSpeed checkpoint {state['tag']} from {ckpt_dir}")
+            if engine.global_steps != state["step"]:
+                raise RuntimeError(f"checkpoint step mismatch: engine {engine.global_steps} vs state {state['step']}")
+            resumed_from = state["step"]
+            # the schedule of this run's config (a rerun may have changed max_steps or epochs)
+            _set_schedule(scheduler, LRSchedule(total_steps, tcfg.warmup_ratio, tcfg.lr_scheduler))
+            logger.info("rank %d: resumed from step %d (epoch %d, batch %d)", rank, state["step"], state["epoch"], state["batches_in_epoch"])
 
     history: list[dict[str, Any]] = list(state.get("history", []))
     step, epoch, tokens = int(state["step"]), int(state["epoch"]), int(state["tokens"])
     # the position in the interrupted epoch, in micro-batches of this run's size
     skip = math.ceil(int(state["batches_in_epoch"]) * int(state.get("micro_batch_size", tcfg.micro_batch_size)) / tcfg.micro_batch_size)
-    last_ckpt_step = step if checkpoint is not None else -1
+    last_ckpt_step = step if resumed_from is not None else -1
     metrics: dict[str, Any] = history[-1] if history else {"step": step, "epoch": epoch, "loss": float("nan")}
+    pid = os.getpid()
 
     def save(metrics: dict[str, Any], batches_in_epoch: int) -> None:
-        nonlocal last_ckpt_step
+        nonlocal last_ckpt_step, last_report
         tag = f"step_{step:08d}"
         with tempfile.TemporaryDirectory(prefix="spice-ckpt-") as tmp:
             engine.save_checkpoint(tmp, tag=tag, exclude_frozen_parameters=tcfg.lora)
@@ -318,68 +517,111 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
                     "micro_batch_size": tcfg.micro_batch_size,
                 }
                 (Path(tmp) / STATE_FILE).write_text(json.dumps(saved))
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            session.report({**metrics, "worker_pid": pid}, tmp)
         last_ckpt_step = step
+        last_report = time.time()
 
     def done() -> bool:
         return tcfg.max_steps is not None and step >= tcfg.max_steps
 
-    shard = ray.train.get_dataset_shard("train")
+    window_rows = tcfg.micro_batch_size * (tcfg.length_window if tcfg.group_by_length else 1)
     engine.train()
     micro_losses: list[float] = []
-    micro_tokens = 0
-    t_start = time.time()
+    micro_tokens = micro_padded = 0
+    dropped_rows = 0
+    padded_total = real_total = 0
+    t_start = last_report = time.time()
+    steady: list[tuple[float, int]] = []  # (time, global tokens) after each of this process's steps
     while epoch < tcfg.epochs and not done():
-        batches = 0
-        for batch in shard.iter_batches(batch_size=tcfg.micro_batch_size, batch_format="numpy", prefetch_batches=1):
-            batches += 1
-            if batches <= skip:
-                continue
-            inputs = _collate(batch, pad_id, device)
-            boundary = engine.is_gradient_accumulation_boundary()
-            loss = engine(**inputs).loss
-            engine.backward(loss)
-            engine.step()
-            micro_losses.append(float(loss.detach()))
-            micro_tokens += int(inputs["attention_mask"].sum())
-            if not boundary:
-                continue
-            step = engine.global_steps
-            loss_sum, n, tok = _all_reduce_sum([sum(micro_losses), len(micro_losses), micro_tokens], device)
-            tokens += int(tok)
-            micro_losses, micro_tokens = [], 0
-            metrics = {
-                "step": step,
-                "epoch": epoch,
-                "loss": loss_sum / n,
-                "lr": float(engine.get_lr()[0]),
-                "tokens": tokens,
-                "elapsed_s": round(time.time() - t_start, 3),
-            }
-            history.append(metrics)
-            if rank == 0 and (step == 1 or step % 10 == 0):
-                logger.info("step %d epoch %d loss %.4f", step, epoch, metrics["loss"])
-            if not math.isfinite(metrics["loss"]):
-                raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
-            if step % tcfg.checkpoint_every == 0:
-                save(metrics, batches)
+        consumed = 0  # micro-batches of this epoch run (or skipped on resume), equal on every rank
+        windows = iter(session.iter_windows(window_rows))
+        exhausted = stopped = False
+        w_index = 0
+        while not stopped:
+            window = None if exhausted else next(windows, None)
+            exhausted = window is None
+            if exhausted:
+                chunks: list[list[int]] = []
             else:
-                ray.train.report(metrics)
-            if done():
+                lengths = [len(x) for x in window["input_ids"]]
+                rng = random.Random(f"{tcfg.seed}:{epoch}:{rank}:{w_index}")
+                chunks = micro_batches(lengths, tcfg.micro_batch_size, group=tcfg.group_by_length, rng=rng)
+            (n_common,) = _all_reduce([len(chunks)], device, op="min")
+            n_common = int(n_common)
+            dropped_rows += sum(len(c) for c in chunks[n_common:])
+            if n_common == 0:
                 break
-        else:
-            if batches == 0:
-                raise RuntimeError(f"rank {rank}: the train dataset shard is empty")
-            epoch += 1
-            skip = 0
-            continue
-        # left the epoch early (max_steps): keep the position within the epoch
-        skip = batches
+            w_index += 1
+            for chunk in chunks[:n_common]:
+                consumed += 1
+                if consumed <= skip:
+                    continue
+                inputs = _collate(window, chunk, pad_id, tcfg.max_length, device)
+                boundary = engine.is_gradient_accumulation_boundary()
+                loss = engine(**inputs).loss
+                engine.backward(loss)
+                lr_used = float(engine.get_lr()[0])  # engine.step() advances the schedule
+                engine.step()
+                micro_losses.append(float(loss.detach()))
+                n_real = int(inputs["attention_mask"].sum())
+                micro_tokens += n_real
+                micro_padded += int(inputs["attention_mask"].numel())
+                if not boundary:
+                    continue
+                step = engine.global_steps
+                due = 1.0 if rank == 0 and time.time() - last_report >= tcfg.report_interval_s else 0.0
+                loss_sum, n, tok, padded, report_due = _all_reduce(
+                    [sum(micro_losses), len(micro_losses), micro_tokens, micro_padded, due], device
+                )
+                tokens += int(tok)
+                real_total += int(tok)
+                padded_total += int(padded)
+                micro_losses, micro_tokens, micro_padded = [], 0, 0
+                now = time.time()
+                steady.append((now, tokens))
+                metrics = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": loss_sum / n,
+                    "lr": lr_used,
+                    "tokens": tokens,
+                    "elapsed_s": round(now - t_start, 3),
+                }
+                history.append(metrics)
+                if rank == 0 and (step == 1 or step % 10 == 0):
+                    logger.info("step %d epoch %d loss %.4f lr %.3g", step, epoch, metrics["loss"], metrics["lr"])
+                if not math.isfinite(metrics["loss"]):
+                    raise FloatingPointError(f"non-finite loss {metrics['loss']} at step {step}")
+                if step % tcfg.checkpoint_every == 0:
+                    save(metrics, consumed)
+                elif report_due > 0:
+                    session.report({**metrics, "worker_pid": pid})
+                    last_report = time.time()
+                if done():
+                    stopped = True
+                    break
+        if stopped:  # left the epoch early (max_steps): keep the position within the epoch
+            skip = consumed
+            break
+        if not exhausted:  # another rank ran out first: read the rest so the next epoch starts clean
+            for window in windows:
+                dropped_rows += len(window["input_ids"])
+        if consumed == 0:
+            raise RuntimeError(
+                f"epoch {epoch}: a train worker's data shard is empty, so no micro-batch could run on every "
+                f"worker ({world_size} workers); use fewer workers or select more records"
+            )
+        epoch += 1
+        skip = 0
     if last_ckpt_step != step:
         save(metrics, skip)
     timings["train"] = round(time.time() - t_enter, 3)
+    (dropped_total, padded_sum, real_sum) = _all_reduce([dropped_rows, padded_total, real_total], device)
+    if dropped_total:
+        logger.warning("rank %d: %d rows were left out so that every rank ran the same micro-batches", rank, int(dropped_total))
+    peak_gb, peak_kind = _peak_memory_gb(device)
+    (peak_max,) = _all_reduce([peak_gb], device, op="max")
 
-    dtype = "bfloat16" if use_gpu else "float32"
     export = export_model(
         engine,
         tcfg=tcfg,
@@ -393,6 +635,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     logger.info("rank %d: seconds since the loop started: %s", rank, timings)
     if rank != 0:
         return None
+    # steady-state throughput: from the end of this process's first step to its last
+    tokens_per_s = None
+    step_seconds = None
+    if len(steady) >= 2:
+        (t_a, tok_a), (t_b, tok_b) = steady[0], steady[-1]
+        tokens_per_s = round((tok_b - tok_a) / max(t_b - t_a, 1e-9), 1)
+        step_seconds = round((t_b - t_a) / (len(steady) - 1), 4)
     return {
         "timings": timings,
         "history": history,
@@ -400,5 +649,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
         "resumed_from_step": resumed_from,
         "trainable_params": n_trainable,
         "world_size": world_size,
+        "zero_stage": tcfg.resolved_zero_stage,
+        "dtype": dtype,
+        "total_steps": total_steps,
+        "dropped_rows": int(dropped_total),
+        "padding_fraction": round(1.0 - real_sum / padded_sum, 4) if padded_sum else None,
+        "tokens_per_s": tokens_per_s,
+        "step_seconds": step_seconds,
+        "steps_this_process": len(steady),
+        "peak_memory_gb": round(peak_max, 3),
+        "peak_memory_kind": peak_kind,
         **export,
     }

@@ -11,14 +11,16 @@ they run (on a small machine that starves one or the other).
 
 Layout under ``out_dir``:
 
-    ray_train/train/   Ray Train storage: DeepSpeed checkpoints (the 2 latest are kept)
+    ray_train/train/   Ray Train storage: DeepSpeed checkpoints (the ``train.keep_checkpoints`` latest)
     model/             the final model, Hugging Face format (merged LoRA or full weights)
     metrics.jsonl      one line per optimizer step (step, epoch, loss, lr, tokens, elapsed_s)
     train_summary.json the returned dict
 
 A rerun with the same ``out_dir`` resumes from the latest checkpoint (``RunConfig(name="train",
-storage_path=<out_dir>/ray_train)``). ``out_dir`` must be a path every node can write (on a
-multi-node cluster: shared storage), since rank 0 writes the export there.
+storage_path=<out_dir>/ray_train)``); within one run, ``FailureConfig(max_failures=train.max_failures)``
+restarts a failed worker group (a killed process, a lost node) from the latest checkpoint. ``out_dir``
+must be a path every node can write (on a multi-node cluster: shared storage), since rank 0 writes
+the export there.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from spice_ray.config import Config
+from spice_ray.config import Config, TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +153,113 @@ def build_train_dataset(
     return ds, len(uids)
 
 
+def plan_steps(n_rows: int, tcfg: TrainConfig) -> dict[str, int]:
+    """Rows per worker, micro-batches per epoch and optimizer steps of a run over ``n_rows`` rows.
+
+    ``streaming_split(equal=True)`` gives each worker floor(n_rows / num_workers) rows; the loop cuts
+    them into ceil(rows / micro_batch_size) micro-batches per epoch (length windows hold whole
+    micro-batches), and an optimizer step takes ``grad_accum`` of them (a partial accumulation at
+    an epoch's end carries over into the next epoch).
+    """
+    rows_per_worker = n_rows // tcfg.num_workers
+    micro_per_epoch = math.ceil(rows_per_worker / tcfg.micro_batch_size)
+    steps = (micro_per_epoch * tcfg.epochs) // tcfg.grad_accum
+    if tcfg.max_steps is not None:
+        steps = min(steps, tcfg.max_steps)
+    return {"rows_per_worker": rows_per_worker, "micro_per_epoch": micro_per_epoch, "planned_steps": steps}
+
+
+def loop_config(
+    cfg: Config,
+    *,
+    model_path: str,
+    tokenizer_path: str,
+    export_dir: str,
+    use_gpu: bool,
+    pad_id: int | None,
+    total_steps: int,
+) -> dict[str, Any]:
+    """The plain dict ``train_loop_per_worker`` / ``run_loop`` read (see spice_ray.train.loop)."""
+    return {
+        "train": cfg.train.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+        "model_path": _abs(model_path),
+        "tokenizer_path": _abs(tokenizer_path) if os.path.exists(os.path.expanduser(tokenizer_path)) else tokenizer_path,
+        "export_dir": export_dir,
+        "use_gpu": bool(use_gpu),
+        "pad_id": pad_id,
+        "total_steps": int(total_steps),
+        "torch_extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR"),
+    }
+
+
+def fit(
+    cfg: Config,
+    ds: Any,
+    config: dict[str, Any],
+    *,
+    storage_path: str,
+    callbacks: list[Any] | None = None,
+    data_config: Any | None = None,
+):
+    """Run ``train_loop_per_worker`` on ``train.num_workers`` Ray Train workers; the Ray ``Result``.
+
+    ``RunConfig(name="train", storage_path)``: a rerun with the same storage resumes from its latest
+    checkpoint; ``FailureConfig(max_failures)``: a failed worker group is restarted (from the latest
+    checkpoint) within this call. ``callbacks``: Ray Train ``UserCallback``s (e.g. the fault drills of
+    ``spice_ray.train.faults``); ``data_config``: a ``ray.train.DataConfig`` in place of the default
+    equal split.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from spice_ray.train.loop import train_loop_per_worker
+
+    tcfg = cfg.train
+    kwargs: dict[str, Any] = {}
+    if data_config is not None:
+        kwargs["dataset_config"] = data_config
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(
+            num_workers=tcfg.num_workers,
+            use_gpu=bool(config["use_gpu"]),
+            resources_per_worker={"CPU": tcfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            checkpoint_config=CheckpointConfig(num_to_keep=tcfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=tcfg.max_failures),
+            callbacks=list(callbacks or []),
+        ),
+        datasets={"train": ds},
+        **kwargs,
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    _prune_unregistered_checkpoints(f"{storage_path}/{RUN_NAME}", result)
+    return result
+
+
+def _prune_unregistered_checkpoints(run_dir: str, result: Any) -> None:
+    """Delete checkpoint directories Ray Train never registered: a worker group that died while
+    a checkpoint was being reported can leave one behind, outside ``keep_checkpoints``. Ray never
+    resumes from those (it resumes from its registered ones), so they only take space."""
+    import shutil
+
+    kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
+    path = Path(run_dir)
+    if "://" in run_dir or not kept or not path.is_dir():
+        return
+    for d in path.glob("checkpoint_*"):
+        if d.is_dir() and d.name not in kept:
+            logger.warning("removing %s: a checkpoint Ray Train never registered (interrupted report)", d)
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def run_train_stage(
     cfg: Config,
     *,
@@ -160,22 +269,22 @@ def run_train_stage(
     out_dir: str,
     max_tokens: int = 1024,
     tokenizer_path: str | None = None,
+    callbacks: list[Any] | None = None,
+    data_config: Any | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_path`` on the selected records with Ray Train + DeepSpeed.
 
     ``records_path``: the ingest output (parquet with ``uid`` and ``messages``). ``selection_path``:
     the selection parquet (its ``uid`` column). ``model_path``: local directory of the target model
-    (with its tokenizer unless ``tokenizer_path`` is given). Returns the final metrics, counts, wall
-    time and the export path ``<out_dir>/model``; also writes ``metrics.jsonl`` and
+    (with its tokenizer unless ``tokenizer_path`` is given). ``max_tokens``: truncation length of the
+    rows unless ``train.max_length`` is set. Returns the final metrics, counts, throughput, peak
+    memory, wall time and the export path ``<out_dir>/model``; also writes ``metrics.jsonl`` and
     ``train_summary.json`` under ``out_dir``. Resumes from the latest checkpoint under
     ``<out_dir>/ray_train`` when one exists.
     """
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from spice_ray.models import load_tokenizer
-    from spice_ray.train.loop import train_loop_per_worker
 
     t0 = time.time()
     tcfg = cfg.train
@@ -191,7 +300,7 @@ def run_train_stage(
         records_path=records_path,
         selection_path=selection_path,
         tokenizer_path=tokenizer_path,
-        max_tokens=max_tokens,
+        max_tokens=tcfg.max_length or max_tokens,
     )
     n_rows = ds.count()
     if n_rows < tcfg.num_workers:
@@ -201,46 +310,28 @@ def run_train_stage(
         )
     if n_rows < n_selected:
         logger.warning("%d of %d selected uids became train rows (missing from records or no response tokens)", n_rows, n_selected)
-    # streaming_split(equal=True) gives each worker floor(n_rows / num_workers) rows.
-    rows_per_worker = n_rows // tcfg.num_workers
-    micro_per_epoch = math.ceil(rows_per_worker / tcfg.micro_batch_size)
-    planned_steps = (micro_per_epoch * tcfg.epochs) // tcfg.grad_accum
-    if tcfg.max_steps is not None:
-        planned_steps = min(planned_steps, tcfg.max_steps)
+    plan = plan_steps(n_rows, tcfg)
+    if plan["planned_steps"] == 0:
+        raise ValueError(
+            f"{n_rows} rows give {plan['micro_per_epoch']} micro-batches per worker per epoch, fewer than "
+            f"grad_accum={tcfg.grad_accum} x epochs: no optimizer step would run"
+        )
     logger.info(
-        "train: %d rows (%d selected), %d workers × %d rows, %d steps planned, gpu=%s",
-        n_rows, n_selected, tcfg.num_workers, rows_per_worker, planned_steps, use_gpu,
+        "train: %d rows (%d selected), %d workers x %d rows, %d steps planned, ZeRO-%d, gpu=%s",
+        n_rows, n_selected, tcfg.num_workers, plan["rows_per_worker"], plan["planned_steps"], tcfg.resolved_zero_stage, use_gpu,
     )
 
     export_dir = f"{out}/model"
-    loop_config = {
-        "train": tcfg.model_dump(mode="json"),
-        "model": cfg.model.model_dump(mode="json"),
-        "model_path": _abs(model_path),
-        "tokenizer_path": _abs(tokenizer_path) if os.path.exists(os.path.expanduser(tokenizer_path)) else tokenizer_path,
-        "export_dir": export_dir,
-        "use_gpu": bool(use_gpu),
-        "pad_id": pad_id,
-        "torch_extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR"),
-    }
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(
-            num_workers=tcfg.num_workers,
-            use_gpu=bool(use_gpu),
-            resources_per_worker={"CPU": tcfg.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=RUN_NAME,
-            storage_path=f"{out}/ray_train",
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-        datasets={"train": ds},
+    config = loop_config(
+        cfg,
+        model_path=model_path,
+        tokenizer_path=tokenizer_path,
+        export_dir=export_dir,
+        use_gpu=bool(use_gpu),
+        pad_id=pad_id,
+        total_steps=plan["planned_steps"],
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    result = fit(cfg, ds, config, storage_path=f"{out}/ray_train", callbacks=callbacks, data_config=data_config)
     ret = result.return_value
     if not ret:
         raise RuntimeError("the train loop returned nothing on rank 0")
@@ -253,13 +344,23 @@ def run_train_stage(
         "steps": final.get("step", 0),
         "epoch": final.get("epoch", 0),
         "tokens": final.get("tokens", 0),
-        "planned_steps": planned_steps,
+        "planned_steps": plan["planned_steps"],
         "resumed_from_step": ret.get("resumed_from_step"),
         "n_selected": n_selected,
         "n_train_rows": n_rows,
         "world_size": ret.get("world_size"),
         "use_gpu": bool(use_gpu),
+        "zero_stage": ret.get("zero_stage"),
+        "dtype": ret.get("dtype"),
+        "lora": tcfg.lora,
+        "effective_batch": tcfg.micro_batch_size * tcfg.grad_accum * tcfg.num_workers,
         "trainable_params": ret.get("trainable_params"),
+        "dropped_rows": ret.get("dropped_rows"),
+        "padding_fraction": ret.get("padding_fraction"),
+        "tokens_per_s": ret.get("tokens_per_s"),
+        "step_seconds": ret.get("step_seconds"),
+        "peak_memory_gb": ret.get("peak_memory_gb"),
+        "peak_memory_kind": ret.get("peak_memory_kind"),
         "export_max_abs_diff": ret.get("export_max_abs_diff"),
         "checkpoint": result.checkpoint.path if result.checkpoint is not None else None,
         "metrics": f"{out}/metrics.jsonl",
