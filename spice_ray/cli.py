@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from spice_ray.config import Config, ConfigError, load_config
 
@@ -32,7 +33,8 @@ def _load(config: Path | None, overrides: list[str] | None, root: str | None) ->
     try:
         return load_config(config, items)
     except ConfigError as e:
-        console.print(f"[red]error:[/red] {e}")
+        # one line, whatever the terminal width (soft_wrap), and the message shown as is (escape)
+        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
         raise typer.Exit(2) from None
 
 

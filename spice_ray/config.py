@@ -87,7 +87,9 @@ class SketchConfig(_Section):
         "first (train stage settings) and sketch at that checkpoint; 0: off."
     )
     warmup_steps: int | None = Field(None, gt=0, description="Warm-up optimizer steps (None: one epoch over the slice).")
-    batch_size: int = Field(64, gt=0, description="Records per Ray Data batch handed to a worker.")
+    batch_size: int = Field(
+        256, gt=0, description="Records per Ray Data batch handed to a worker (it length-sorts and packs them)."
+    )
     max_tokens_per_batch: int | None = Field(
         4096, gt=0, description="Token budget (rows × longest row) of one forward/backward; None: batch_size rows."
     )

@@ -339,6 +339,12 @@ def bad_corpus(tmp_path_factory) -> tuple[Path, dict, dict]:
         (_line([1, 2, 3]), "not_object", None),
         (b"\n", "blank", None),
         (_line({"messages": [msg(U, "q")]}), "no_assistant_turn", None),
+        # explicit record ids: the first kept row claims its id
+        (_line({"id": "rec-1", "instruction": "What is 2+3?", "output": "5", "source": "ids"}), None, "ids"),
+        (_line({"id": "rec-1", "instruction": "What is 2+4?", "output": "6", "source": "ids"}), "duplicate_id", None),
+        (_line({"id": "rec-1", "instruction": "What is 2+3?", "output": "5", "source": "ids"}), "duplicate", None),
+        (_line({"id": 7, "prompt": "int id", "response": "ok", "source": "ids"}), None, "ids"),
+        (b'{"instruction": "q", "output": "a", "source": "bad \\ud800 source"}\n', "invalid_unicode", None),
     ]
     with (root / "mixed.jsonl").open("wb") as fh:
         for i, (data, reason, source) in enumerate(lines, 1):
@@ -373,6 +379,15 @@ def bad_corpus(tmp_path_factory) -> tuple[Path, dict, dict]:
     good[("more/rows.parquet", 1)] = "pq"
     good[("more/rows.parquet", 2)] = "pq"
     bad[("more/rows.parquet", 3)] = "empty_response"
+    ids = [
+        {"id": "7", "prompt": "string seven", "response": "clashes with the int id 7", "source": "ids"},
+        {"id": "rec-2", "prompt": "lone surrogate \ud800", "response": "x", "source": "ids"},
+        {"id": "rec-2", "prompt": "fine", "response": "kept: the row above never claimed rec-2", "source": "ids"},
+    ]
+    (sub / "ids.json").write_text(json.dumps(ids))  # ensure_ascii: the surrogate stays a \ud800 escape
+    bad[("more/ids.json", 1)] = "duplicate_id"
+    bad[("more/ids.json", 2)] = "invalid_unicode"
+    good[("more/ids.json", 3)] = "ids"
     (root / "binary.jsonl").write_bytes(b"\x00" * 2000 + bytes(range(256)) * 8)
     bad[("binary.jsonl", 0)] = "binary_file"
     (root / "empty.jsonl").write_bytes(b"")
@@ -407,7 +422,7 @@ def test_ingest_bad_corpus(bad_corpus, chatml_tok, tmp_path, caplog):
     rec_rows = records.to_pylist()
     assert {(_rel(root, r["file"]), r["line"]): r["source"] for r in rec_rows} == good
     assert [(_rel(root, r["file"]), r["line"]) for r in rec_rows] == sorted(
-        good, key=lambda k: (["binary.jsonl", "empty.jsonl", "mixed.jsonl", "more/rows.json", "more/rows.parquet"].index(k[0]), k[1])
+        good, key=lambda k: (["binary.jsonl", "empty.jsonl", "mixed.jsonl", "more/ids.json", "more/rows.json", "more/rows.parquet"].index(k[0]), k[1])
     )
     assert result.sources == dict(sorted(Counter(good.values()).items()))
 
@@ -426,9 +441,18 @@ def test_ingest_bad_corpus(bad_corpus, chatml_tok, tmp_path, caplog):
     assert by_key[("mixed.jsonl", 1 + 6)]["raw"].startswith('{"instruction": "broken"')
     assert by_key[("more/rows.json", 2)]["raw"] == '"not an object"'
     assert by_key[("binary.jsonl", 0)]["raw_bytes"] == 2000 + 256 * 8
+    # record ids: carried into the records; a later row with a kept row's id and other content is
+    # quarantined naming that row; an exact duplicate stays a plain duplicate
+    ids = {(_rel(root, r["file"]), r["line"]): r["id"] for r in rec_rows if r["id"] is not None}
+    assert ids == {("mixed.jsonl", 20): "rec-1", ("mixed.jsonl", 23): "7", ("more/ids.json", 3): "rec-2"}
+    assert by_key[("mixed.jsonl", 21)]["detail"].startswith(f"id 'rec-1' already used by {root / 'mixed.jsonl'}:20 ")
+    assert by_key[("mixed.jsonl", 22)]["detail"].startswith(f"duplicate of {root / 'mixed.jsonl'}:20 ")
+    assert by_key[("more/ids.json", 1)]["detail"].startswith(f"id '7' already used by {root / 'mixed.jsonl'}:23 ")
+    assert by_key[("mixed.jsonl", 24)]["source"] == "bad \\ud800 source"  # escaped, so it could be written
+    assert "\\ud800" in by_key[("more/ids.json", 2)]["raw"]
 
     files = {_rel(root, f["path"]): f for f in result.files}
-    assert set(files) == {"binary.jsonl", "empty.jsonl", "mixed.jsonl", "more/rows.json", "more/rows.parquet"}
+    assert set(files) == {"binary.jsonl", "empty.jsonl", "mixed.jsonl", "more/ids.json", "more/rows.json", "more/rows.parquet"}
     assert files["empty.jsonl"]["rows"] == 0
     assert files["mixed.jsonl"]["blank_lines"] == 1
     assert files["mixed.jsonl"]["sha256"] == hashlib.sha256((root / "mixed.jsonl").read_bytes()).hexdigest()
@@ -442,6 +466,20 @@ def test_ingest_bad_corpus(bad_corpus, chatml_tok, tmp_path, caplog):
     again = ingest(cfg, chatml_tok, tmp_path / "out2")
     assert pq.read_table(again.records_path).equals(records)
     assert again.reasons == result.reasons
+
+
+def test_bad_corpus_covers_every_kind_of_bad_input(bad_corpus):
+    """The fixture mixes good rows with every kind of bad input the ingest must survive."""
+    root, bad, good = bad_corpus
+    kinds = {
+        "invalid_json", "invalid_utf8", "empty_response", "missing_field", "wrong_type", "too_long", "nul_byte",
+        "unknown_role", "last_turn_not_assistant", "duplicate", "duplicate_id", "binary_file", "not_object",
+        "no_assistant_turn", "invalid_unicode",
+    }
+    assert kinds <= set(bad.values())
+    assert (root / "empty.jsonl").stat().st_size == 0  # an empty file
+    assert max((root / "mixed.jsonl").read_bytes().split(b"\n"), key=len).__len__() > 1_000_000  # a huge row
+    assert len(good) >= 10
 
 
 def test_ingest_explicit_files_and_errors(bad_corpus, plain_tok, tmp_path):

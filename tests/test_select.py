@@ -90,12 +90,13 @@ def test_shapes_n_below_d_and_k_above_d(n: int, d: int, k: int, alpha: float) ->
         assert sel.logdet == pytest.approx(logdet_of(G, sel.indices, alpha), rel=1e-8)
 
 
-@pytest.mark.parametrize("method", ["spice", "logdet", "random", "gradnorm"])
+@pytest.mark.parametrize("method", ["spice", "logdet", "random", "gradnorm", "less", "windowed"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_trace_is_consistent(method: str, dtype: type) -> None:
     G = problem(7, n=60, d=10).astype(dtype)
     alpha, lam = 0.7, 0.3
-    sel = select(G, 15, method=method, alpha=alpha, lam=lam, seed=3)
+    target = problem(8, n=8, d=10, anti=2)
+    sel = select(G, 15, method=method, alpha=alpha, lam=lam, seed=3, target=target, pool_size=20)
     assert isinstance(sel, Selection) and sel.indices.dtype == np.int64
     assert len(set(sel.indices.tolist())) == len(sel) == 15
     assert sel.logdet == pytest.approx(logdet_of(G, sel.indices, alpha), rel=1e-8)
@@ -145,8 +146,9 @@ def test_early_stop() -> None:
 
 def test_budget_exhausted() -> None:
     G = problem(0, n=9, d=4)
-    for method in ("spice", "logdet", "random", "gradnorm"):
-        sel = select(G, 20, method=method)
+    target = problem(5, n=3, d=4, anti=1)
+    for method in ("spice", "logdet", "random", "gradnorm", "less", "windowed"):
+        sel = select(G, 20, method=method, target=target, pool_size=4)
         assert sel.stop_reason == "exhausted" and sorted(sel.indices.tolist()) == list(range(9))
         assert sel.summary()["k_requested"] == 20 and sel.summary()["k_selected"] == 9
     assert select(G, 9).stop_reason == "exhausted"
@@ -292,7 +294,10 @@ def test_selector_actor_matches_direct_select(ray_session, tmp_path) -> None:
     order = np.argsort(uids)
     direct = select(G[order], cfg.budget(n), method="spice", alpha=cfg.alpha, lam=cfg.lam)
     table = pq.read_table(out / "selection.parquet")
-    assert table.column_names == ["uid", "rank", "gain", "base", "conflict", "score", "logdet"]
+    assert table.column_names == [
+        "uid", "rank", "gain", "base", "conflict", "score", "logdet", "eps", "eps_bound"
+    ]
+    assert np.allclose(table.column("eps").to_numpy(), direct.eps)
     assert table.column("uid").to_pylist() == [uids[i] for i in order[direct.indices]]
     assert table.column("rank").to_pylist() == list(range(12))
     assert np.allclose(table.column("gain").to_numpy(), direct.gains)
@@ -301,4 +306,5 @@ def test_selector_actor_matches_direct_select(ray_session, tmp_path) -> None:
     assert summary["logdet"] == pytest.approx(logdet_of(G[order], direct.indices), rel=1e-8)
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk["logdet"] == summary["logdet"] and on_disk["method"] == "spice"
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
+    assert not [p for p in out.iterdir() if p.name.startswith((".", "_"))]  # no temp files or checkpoint left
+    assert on_disk["diagnostics"]["steps"] == 12 and "curvature" in on_disk["diagnostics"]

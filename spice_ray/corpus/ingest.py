@@ -16,15 +16,25 @@ Every row read is either kept or quarantined, never dropped (``n_in == n_kept + 
 Quarantine reasons: ``binary_file``, ``unreadable_file``, ``invalid_utf8``, ``invalid_json``,
 ``not_object``, every :class:`~spice_ray.corpus.formats.RowError` reason, ``template_error`` (the chat
 template refused the chat), ``too_long`` (more than ``max_tokens`` tokens, or a line over
-``MAX_LINE_BYTES``) and ``duplicate`` (same uid as an already kept row; ``detail`` names that row's
-``file:line``). Quarantine rows appear in the order decisions are made (deterministic, not sorted).
+``MAX_LINE_BYTES``), ``duplicate`` (same uid as an already kept row; ``detail`` names that row's
+``file:line``) and ``duplicate_id`` (the same explicit record ``id`` as an already kept row but other
+content; ``detail`` names that row's ``file:line``). Quarantine rows appear in the order decisions are
+made (deterministic, not sorted).
+
+Record ids: a row's top-level ``id`` field, when it is a non-empty string or an integer (kept as its
+decimal string, so ``7`` and ``"7"`` are the same id), is carried into the records; any other value
+(absent, null, empty, float, bool, list, object) means the row has no id; a string id or ``source``
+that UTF-8 cannot encode (a lone ``\\ud800`` escape) is ``invalid_unicode``. The first kept row claims
+its id: a later row with the same id is an exact duplicate (``duplicate``) or a conflicting one
+(``duplicate_id``). Rows without an id are only deduplicated by content.
 
 Output, written atomically (temporary name, then ``os.replace``) into ``out_dir``:
 
 - ``records.parquet``: ``uid`` string (sha256 of the canonical messages), ``source`` string (the row's
   ``source`` field when a non-empty string, else the file stem), ``messages``
   list<struct<role: string, content: string>>, ``n_tokens`` int32 (full chat template, no
-  truncation), ``file`` string, ``line`` int64; rows in input order.
+  truncation), ``file`` string, ``line`` int64, ``id`` string (the row's record id, null when it has
+  none); rows in input order.
 - ``quarantine.parquet``: ``file`` string, ``line`` int64, ``reason`` string, ``detail`` string,
   ``raw`` string (the input text, truncated to ``RAW_LIMIT`` characters; for ``.json``/``.parquet``
   rows the row re-serialised as JSON), ``raw_bytes`` int64 (its full size in bytes; the file size for
@@ -75,6 +85,7 @@ RECORDS_SCHEMA = pa.schema(
         ("n_tokens", pa.int32()),
         ("file", pa.string()),
         ("line", pa.int64()),
+        ("id", pa.string()),
     ]
 )
 QUARANTINE_SCHEMA = pa.schema(
@@ -136,8 +147,8 @@ class _Item:
 
     def raw_text(self) -> tuple[str, int]:
         if self.raw is None:
-            text = json.dumps(self.value, ensure_ascii=False, default=str)
-            return text[:RAW_LIMIT], len(text.encode("utf-8", errors="replace"))
+            text = _utf8_safe(json.dumps(self.value, ensure_ascii=False, default=str))
+            return text[:RAW_LIMIT], len(text.encode("utf-8"))
         return self.raw[:RAW_LIMIT], self.raw_bytes if self.raw_bytes is not None else len(self.raw)
 
 
@@ -149,10 +160,21 @@ class _Pending:
     messages: list[dict[str, str]]
     uid: str
     text: str
+    record_id: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------------
 # reading
+
+
+def _utf8_safe(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (lone surrogates from JSON ``\\ud800`` escapes or
+    undecodable file names) written as backslash escapes, so it can go into a parquet string."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", errors="backslashreplace").decode("utf-8")
 
 
 def _looks_binary(sample: bytes) -> bool:
@@ -369,6 +391,28 @@ class _AtomicParquet:
 # ingest
 
 
+def record_id(value: Any) -> str | None:
+    """The row's explicit record id (its ``id`` field) as a string, or None (see the module doc)."""
+    if not isinstance(value, dict):
+        return None
+    rid = value.get("id")
+    if isinstance(rid, bool):
+        return None
+    if isinstance(rid, int):
+        return str(rid)
+    if isinstance(rid, str) and rid.strip():
+        try:
+            rid.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RowError("invalid_unicode", f"id: {e.reason} at {e.start}") from None
+        return rid
+    return None
+
+
+def _id_key(rid: str) -> bytes:
+    return hashlib.blake2b(rid.encode("utf-8"), digest_size=16).digest()
+
+
 def _source(value: Any, stem: str) -> str:
     if isinstance(value, dict):
         source = value.get("source")
@@ -387,6 +431,7 @@ class _Ingest:
         self.quarantine_out = quarantine
         self.files: list[_FileInfo] = []
         self.kept_at: dict[bytes, tuple[int, int]] = {}  # uid digest -> (file index, line)
+        self.id_at: dict[bytes, tuple[int, int]] = {}  # record id digest -> (file index, line) of the kept row
         self.pending: list[_Pending] = []
         self.reasons: Counter[str] = Counter()
         self.sources: Counter[str] = Counter()
@@ -396,16 +441,17 @@ class _Ingest:
         raw, raw_bytes = item.raw_text()
         info = self.files[file_index]
         self.quarantine_out.add(
-            file=info.path, line=item.line, reason=reason, detail=detail, raw=raw, raw_bytes=raw_bytes, source=source
+            file=info.path, line=item.line, reason=reason, detail=_utf8_safe(detail), raw=raw, raw_bytes=raw_bytes,
+            source=_utf8_safe(source),
         )
         info.quarantined += 1
         self.reasons[reason] += 1
 
     def read(self, path: Path) -> None:
-        info = _FileInfo(path=str(path), bytes=path.stat().st_size)
+        info = _FileInfo(path=_utf8_safe(str(path)), bytes=path.stat().st_size)
         self.files.append(info)
         index = len(self.files) - 1
-        stem = path.stem
+        stem = _utf8_safe(path.stem)
         for item in _READERS[path.suffix.lower()](path, info):
             self.n_in += 1
             info.rows += 1
@@ -415,6 +461,9 @@ class _Ingest:
             source = _source(item.value, stem)
             try:
                 messages = normalize_row(item.value, self.cfg.format)
+                rid = record_id(item.value)
+                if _utf8_safe(source) != source:
+                    raise RowError("invalid_unicode", "source is not encodable as UTF-8 (lone surrogate escapes)")
                 text = render_text(self.tokenizer, messages)
             except RowError as e:
                 self.quarantine(index, item, e.reason, e.detail, source)
@@ -423,7 +472,7 @@ class _Ingest:
                 self.quarantine(index, item, "template_error", str(e)[:500], source)
                 continue
             uid = hashlib.sha256(canonical_json(messages).encode("utf-8")).hexdigest()
-            self.pending.append(_Pending(item, index, source, messages, uid, text))
+            self.pending.append(_Pending(item, index, source, messages, uid, text, rid))
             if len(self.pending) >= TOKENIZE_BATCH:
                 self.flush()
 
@@ -442,10 +491,22 @@ class _Ingest:
                 where = f"{self.files[first[0]].path}:{first[1]}"
                 self.quarantine(p.file_index, p.item, "duplicate", f"duplicate of {where} (uid {p.uid[:12]})", p.source)
                 continue
+            id_key = _id_key(p.record_id) if p.record_id is not None else None
+            if id_key is not None and id_key in self.id_at:
+                first = self.id_at[id_key]
+                where = f"{self.files[first[0]].path}:{first[1]}"
+                self.quarantine(
+                    p.file_index, p.item, "duplicate_id",
+                    f"id {p.record_id[:200]!r} already used by {where} with other content (uid {p.uid[:12]})", p.source,
+                )
+                continue
             self.kept_at[key] = (p.file_index, p.item.line)
+            if id_key is not None:
+                self.id_at[id_key] = (p.file_index, p.item.line)
             info = self.files[p.file_index]
             self.records.add(
-                uid=p.uid, source=p.source, messages=p.messages, n_tokens=n_tokens, file=info.path, line=p.item.line
+                uid=p.uid, source=p.source, messages=p.messages, n_tokens=n_tokens, file=info.path, line=p.item.line,
+                id=p.record_id,
             )
             info.kept += 1
             self.sources[p.source] += 1

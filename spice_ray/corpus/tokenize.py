@@ -261,13 +261,18 @@ def count_tokens(tokenizer: Any, messages: Messages) -> int:
     return count_text_tokens(tokenizer, [render_text(tokenizer, messages)])[0]
 
 
-def pad_batch(encodeds: Sequence[Encoded], pad_id: int | None) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` (pad_id), ``labels`` (-100 on padding) and ``attention_mask``."""
+def pad_batch(encodeds: Sequence[Encoded], pad_id: int | None, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` (pad_id), ``labels`` (-100 on padding) and ``attention_mask``, all
+    ``width`` wide (default: the longest record; a smaller ``width`` is an error)."""
     if not encodeds:
         raise ValueError("pad_batch needs at least one record")
     if pad_id is None:
         raise ValueError("pad_batch needs a pad id (the tokenizer has no pad_token)")
-    width = max(len(e.input_ids) for e in encodeds)
+    longest = max(len(e.input_ids) for e in encodeds)
+    if width is None:
+        width = longest
+    elif width < longest:
+        raise ValueError(f"pad_batch width {width} is shorter than the longest record ({longest} tokens)")
     input_ids = torch.full((len(encodeds), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encodeds), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(encodeds), width), dtype=torch.long)

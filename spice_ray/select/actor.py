@@ -2,8 +2,18 @@
 
 The work is in :func:`select_to_dir` (no Ray); :class:`SelectorActor` is the thin Ray shell that
 runs it where the sketches are loaded, so the driver never holds them. Outputs under ``out_dir``:
-``selection.parquet`` (``uid``, ``rank``, ``gain``, ``base``, ``conflict``, ``score``, ``logdet``:
-one row per pick, in pick order, i.e. the per-step trace) and ``summary.json``.
+``selection.parquet`` (``uid``, ``rank``, ``gain``, ``base``, ``conflict``, ``score``, ``logdet``,
+``eps``, ``eps_bound``: one row per pick, in pick order, i.e. the per-step trace) and
+``summary.json`` (with the diagnostics). While it runs, the picks are checkpointed under
+``out_dir/_checkpoint/`` every ``checkpoint_every`` steps; a rerun after a kill resumes from there
+(same picks as an uninterrupted run), and the checkpoint is removed once the outputs are written.
+
+With ``shards > 1`` (see :func:`run_select_stage`) the greedy runs over shard actors instead
+(:mod:`spice_ray.select.sharded`), each reading its own slice; the driver writes the outputs.
+
+Settings beyond :class:`~spice_ray.config.SelectConfig`'s current fields are read with defaults
+(``lazy``, ``device``, ``checkpoint_every``, ``pool_size``, ``target``, ``shards``) so that this
+module works before and after they are added to the config.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ import pyarrow.parquet as pq
 import ray
 
 from spice_ray.config import SelectConfig
+from spice_ray.select.checkpoint import PickCheckpoint
 from spice_ray.select.greedy import Selection, select
 from spice_ray.select.io import read_sketches
 
@@ -64,16 +75,46 @@ def selection_table(uids: np.ndarray, sel: Selection) -> pa.Table:
             "conflict": pa.array(sel.conflicts, type=pa.float64()),
             "score": pa.array(sel.scores, type=pa.float64()),
             "logdet": pa.array(sel.logdets, type=pa.float64()),
+            "eps": pa.array(sel.eps, type=pa.float64()),
+            "eps_bound": pa.array(sel.eps_bound, type=pa.float64()),
         }
     )
 
 
-def select_to_dir(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[str, Any]:
-    """Read ``sketches_path``, select with ``cfg``, write ``out_dir``; return the summary dict."""
+def _opt(cfg: Any, name: str, default: Any) -> Any:
+    """A SelectConfig setting that may not exist yet in this version of the config."""
+    value = getattr(cfg, name, None)
+    return default if value is None else value
+
+
+def checkpoint_dir(out_dir: str) -> str:
+    return f"{str(out_dir).rstrip('/')}/_checkpoint"
+
+
+def write_selection(out_dir: str, uids: np.ndarray, sel: Selection, summary: dict[str, Any]) -> None:
+    """Write ``selection.parquet`` and ``summary.json`` (each atomically)."""
+    buf = io.BytesIO()
+    pq.write_table(selection_table(uids, sel), buf)
+    _write_bytes_atomic(out_dir, SELECTION_FILE, buf.getvalue())
+    _write_bytes_atomic(out_dir, SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
+
+
+def select_to_dir(
+    sketches_path: str, out_dir: str, cfg: SelectConfig, *, device: str | None = None
+) -> dict[str, Any]:
+    """Read ``sketches_path``, select with ``cfg``, write ``out_dir``; return the summary dict.
+
+    ``device``: the eager engine's device (None: ``cfg.device`` if set, else numpy).
+    """
     t0 = time.perf_counter()
     uids, G = read_sketches(sketches_path)
     n, d = G.shape
+    target = None
+    target_path = _opt(cfg, "target", None)
+    if target_path:
+        _, target = read_sketches(str(target_path))
     t_read = time.perf_counter() - t0
+    ckpt_dir = checkpoint_dir(out_dir)
     sel = select(
         G,
         cfg.budget(n),
@@ -82,6 +123,12 @@ def select_to_dir(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[s
         lam=cfg.lam,
         omega=cfg.omega,
         seed=cfg.seed,
+        target=target,
+        pool_size=_opt(cfg, "pool_size", None),
+        lazy=_opt(cfg, "lazy", None),
+        device=device or _opt(cfg, "device", "numpy"),
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=int(_opt(cfg, "checkpoint_every", 1000)),
     )
     t_select = time.perf_counter() - t0 - t_read
     summary = sel.summary()
@@ -92,31 +139,74 @@ def select_to_dir(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[s
         read_seconds=round(t_read, 4),
         select_seconds=round(t_select, 4),
     )
-    buf = io.BytesIO()
-    pq.write_table(selection_table(uids, sel), buf)
-    _write_bytes_atomic(out_dir, SELECTION_FILE, buf.getvalue())
-    _write_bytes_atomic(out_dir, SUMMARY_FILE, (json.dumps(summary, indent=2) + "\n").encode())
-    log.info("selection of %d/%d written to %s", sel.summary()["k_selected"], n, out_dir)
+    write_selection(out_dir, uids, sel, summary)
+    PickCheckpoint(ckpt_dir, {}).clear()
+    log.info("selection of %d/%d written to %s", len(sel), n, out_dir)
     return summary
 
 
 @ray.remote
 class SelectorActor:
-    """One actor that loads all sketches into memory and runs the greedy selection."""
+    """One actor that loads all sketches into memory and runs the selection (GPU eager if it has one)."""
 
     def run(self, sketches_path: str, out_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
         """Select from ``sketches_path`` into ``out_dir`` with ``cfg`` (a SelectConfig as a dict)."""
         logging.basicConfig(level=logging.INFO)
-        return select_to_dir(sketches_path, out_dir, SelectConfig(**cfg))
+        config = SelectConfig(**cfg)
+        device = _opt(config, "device", None)
+        if device is None:
+            device = "cuda" if ray.get_gpu_ids() else "numpy"
+        return select_to_dir(sketches_path, out_dir, config, device=device)
 
 
 def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[str, Any]:
-    """Run the selection in a :class:`SelectorActor` sized by ``cfg``; return its summary.
+    """Run the selection in a :class:`SelectorActor` (or ``shards`` shard actors); return its summary.
 
     Ray must already be initialized (or ``ray.init`` is called implicitly with the defaults).
     """
+    shards = int(_opt(cfg, "shards", 1))
+    if shards > 1 and cfg.method in ("spice", "logdet"):
+        return _run_sharded(sketches_path, out_dir, cfg, shards)
+    if shards > 1:
+        log.warning("shards=%d is only used by spice/logdet; running %s in one actor", shards, cfg.method)
     actor = SelectorActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote()
     try:
         return ray.get(actor.run.remote(str(sketches_path), str(out_dir), cfg.model_dump()))
     finally:
         ray.kill(actor)
+
+
+def _run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, shards: int) -> dict[str, Any]:
+    from spice_ray.select.io import read_sketch_uids
+    from spice_ray.select.sharded import select_sharded
+
+    t0 = time.perf_counter()
+    n = len(read_sketch_uids(str(sketches_path)))
+    device = _opt(cfg, "device", None) or ("cuda" if cfg.num_gpus > 0 else "numpy")
+    ckpt_dir = checkpoint_dir(out_dir)
+    sel, uids = select_sharded(
+        str(sketches_path),
+        cfg.budget(n),
+        n_shards=shards,
+        method=cfg.method,
+        alpha=cfg.alpha,
+        lam=cfg.lam,
+        omega=cfg.omega,
+        lazy=_opt(cfg, "lazy", None),
+        device=device,
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=int(_opt(cfg, "checkpoint_every", 1000)),
+    )
+    assert uids is not None
+    summary = sel.summary()
+    summary.update(
+        dim=int(sel.params.get("d", 0)),
+        seed=int(cfg.seed),
+        sketches=str(sketches_path),
+        select_seconds=round(time.perf_counter() - t0, 4),
+    )
+    write_selection(out_dir, uids, sel, summary)
+    PickCheckpoint(ckpt_dir, {}).clear()
+    return summary

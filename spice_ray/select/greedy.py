@@ -1,36 +1,50 @@
-"""Greedy selection over gradient sketches: SPICE, plain log-det greedy and two baselines.
+"""Selection over gradient sketches: SPICE, plain log-det greedy, windowed SPICE and baselines.
 
-Pure numpy (no Ray). The objective is ``F(S) = log det(I + α Σ_{i∈S} g_i g_iᵀ)`` (DESIGN §3). Each
-greedy step makes one pass over the (N, d) sketch matrix: a fused product ``G @ [u, g]`` updates
-every candidate's ``q_i = g_iᵀ M⁻¹ g_i`` (``M = I + α F_S``) and its dot with the running sum of the
-selected sketches, from which the gain ``Δ_i = log(1 + α q_i)`` and the conflict
-``c_i = max(0, −cos(g_i, ḡ_S))`` follow. No N×N kernel is ever formed.
+Pure numpy (torch only for ``device="cpu"|"cuda"``; no Ray). The objective is
+``F(S) = log det(I + α Σ_{i∈S} g_i g_iᵀ)`` (DESIGN §3); the SPICE step picks
+``argmax_i Δ_i(S) − λ c_i(S)`` with ``Δ_i = log(1 + α g_iᵀ M⁻¹ g_i)``, ``M = I + α F_S`` and
+``c_i = max(0, −cos(g_i, ḡ_S))``; ties go to the smallest row index.
 
-The selected-side state ``M⁻¹`` is kept either dense (d×d) or, while the budget is below d, in the
-factored form ``M⁻¹ = I − Σ_j c_j u_j u_jᵀ`` (t×d), whichever is smaller; both are exact.
+The greedy runs over one or more :class:`~spice_ray.select.shard.CandidateShard`\\ s (eager: one
+fused pass over the rows per step; lazy: stale upper bounds, refresh only what can win), reduced
+per step as ``max score, ties → smallest index``. Every engine decides by the same canonical
+per-row score (:mod:`spice_ray.select.state`), so eager, lazy, sharded, GPU, windowed-pool and
+resumed runs make identical picks. Progress can be checkpointed (the picks so far) and resumed
+(:mod:`spice_ray.select.checkpoint`).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from spice_ray.select.checkpoint import PickCheckpoint, fingerprint_data
+from spice_ray.select.diagnostics import diagnose
+from spice_ray.select.shard import CandidateShard, _resolve_device, row_norms_sq
+from spice_ray.select.state import SelectedState, Winner
+
 log = logging.getLogger(__name__)
 
-METHODS = ("spice", "logdet", "random", "gradnorm")
+METHODS = ("spice", "logdet", "random", "gradnorm", "less", "windowed")
+GREEDY_METHODS = ("spice", "logdet", "windowed")
 STOP_REASONS = ("budget", "exhausted", "early_stop")
+DEFAULT_POOL_SIZE = 10_000
 
 
 @dataclass
 class Selection:
-    """The picks of one selection run, in order, with the per-step trace.
+    """The picks of one selection run, in order, with the per-step trace and diagnostics.
 
     ``gains[t]``, ``conflicts[t]`` and ``scores[t]`` are measured against the set selected before
-    pick ``t``; ``logdets[t]`` is ``log det(I + α F_S)`` after it (so ``logdet == logdets[-1]``).
+    pick ``t``; ``logdets[t]`` is ``log det(I + α F_S)`` after it (so ``logdet == logdets[-1]``);
+    ``eps[t] = gains[t] − bases[t]`` and ``eps_bound[t]`` its first-order bound (see
+    :mod:`spice_ray.select.diagnostics`).
     """
 
     indices: np.ndarray
@@ -45,6 +59,10 @@ class Selection:
     params: dict[str, Any] = field(default_factory=dict)
     n_candidates: int = 0
     k_requested: int = 0
+    eps: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    eps_bound: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.indices.shape[0])
@@ -64,63 +82,9 @@ class Selection:
             "alpha": float(self.params["alpha"]),
             "lam": float(self.params["lam"]),
             "omega": None if self.params.get("omega") is None else float(self.params["omega"]),
+            "diagnostics": dict(self.diagnostics),
+            "engine": dict(self.stats),
         }
-
-
-class _InverseState:
-    """``M⁻¹`` for ``M = I + α Σ_{j∈S} g_j g_jᵀ``, updated by Sherman–Morrison (float64).
-
-    Dense (d×d) when the number of updates may reach d, else factored as ``I − Σ_j c_j u_j u_jᵀ``.
-    """
-
-    def __init__(self, d: int, max_updates: int, alpha: float) -> None:
-        self.alpha = alpha
-        self.dense = max_updates >= d
-        if self.dense:
-            self.minv = np.eye(d, dtype=np.float64)
-        else:
-            self.u = np.empty((max(max_updates, 0), d), dtype=np.float64)
-            self.c = np.empty(max(max_updates, 0), dtype=np.float64)
-        self.t = 0
-
-    def apply(self, g: np.ndarray) -> np.ndarray:
-        """``M⁻¹ g`` for a float64 vector ``g``."""
-        if self.dense:
-            return self.minv @ g
-        if self.t == 0:
-            return g.copy()
-        u, c = self.u[: self.t], self.c[: self.t]
-        return g - u.T @ (c * (u @ g))
-
-    def add(self, u: np.ndarray, q: float) -> None:
-        """Add ``g`` with ``u = M⁻¹ g`` and ``q = gᵀ M⁻¹ g`` (both before the update)."""
-        coef = self.alpha / (1.0 + self.alpha * q)
-        if self.dense:
-            self.minv -= coef * np.outer(u, u)
-        else:
-            self.u[self.t] = u
-            self.c[self.t] = coef
-        self.t += 1
-
-
-def _row_norms_sq(G: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """``‖g_i‖²`` in float64, chunked so no float64 copy of G is made."""
-    out = np.empty(G.shape[0], dtype=np.float64)
-    for start in range(0, G.shape[0], chunk):
-        block = G[start : start + chunk].astype(np.float64, copy=False)
-        out[start : start + chunk] = np.einsum("ij,ij->i", block, block)
-    return out
-
-
-def _as_matrix(sketches: np.ndarray) -> np.ndarray:
-    G = np.asarray(sketches)
-    if G.ndim != 2:
-        raise ValueError(f"sketches must be a 2-d (N, d) array, got shape {G.shape}")
-    if G.dtype not in (np.float32, np.float64):
-        G = G.astype(np.float32)
-    if not np.isfinite(G).all():
-        raise ValueError("sketches contain NaN or inf")
-    return np.ascontiguousarray(G)
 
 
 class _Progress:
@@ -166,107 +130,209 @@ class _Progress:
             self.bar.stop()
 
 
-def _greedy(
-    G: np.ndarray,
-    k: int,
-    alpha: float,
-    lam: float,
-    omega: float | None,
-    norm_sq: np.ndarray,
-    bar: _Progress,
-) -> tuple[list[int], list[float], list[float], list[float], str | None]:
-    """Greedy argmax of ``Δ − λ c``; returns picks, gains, conflicts, scores, early-stop flag."""
+class ShardGroup(Protocol):
+    """What the greedy driver needs from the candidates, however they are spread."""
+
+    n: int
+
+    def best(self) -> Winner | None: ...
+
+    def exact(self, index: int) -> Winner: ...
+
+    def update(self, w: Winner) -> None: ...
+
+
+class LocalShards:
+    """Shards in this process; ``best`` reduces their winners (max score, ties → smallest index)."""
+
+    def __init__(self, shards: Sequence[CandidateShard]) -> None:
+        self.shards = list(shards)
+        self.n = sum(len(s) for s in self.shards)
+
+    def best(self) -> Winner | None:
+        best: Winner | None = None
+        for shard in self.shards:
+            w = shard.best()
+            if w is not None and w.beats(best):
+                best = w
+        return best
+
+    def exact(self, index: int) -> Winner:
+        for shard in self.shards:
+            if shard.local(index) is not None:
+                return shard.exact(index)
+        raise KeyError(f"row {index} is in no shard")
+
+    def update(self, w: Winner) -> None:
+        for shard in self.shards:
+            shard.update(w.u, w.g, w.q, w.index)
+
+    @property
+    def refreshed(self) -> int:
+        return sum(s.refreshed for s in self.shards)
+
+
+class Recorder:
+    """Collects the trace of picks; checkpoints every ``every`` picks; calls ``on_step``."""
+
+    def __init__(
+        self,
+        checkpoint: PickCheckpoint | None = None,
+        every: int = 1000,
+        on_step: Callable[[int, int], None] | None = None,
+        bar: _Progress | None = None,
+    ) -> None:
+        self.picks: list[int] = []
+        self.gains: list[float] = []
+        self.conflicts: list[float] = []
+        self.scores: list[float] = []
+        self.rows: list[np.ndarray] = []
+        self.first_gain: float | None = None
+        self.checkpoint = checkpoint
+        self.every = max(1, int(every))
+        self.on_step = on_step
+        self.bar = bar
+
+    def record(self, w: Winner) -> None:
+        self.picks.append(int(w.index))
+        self.gains.append(float(w.gain))
+        self.conflicts.append(float(w.conflict))
+        self.scores.append(float(w.score))
+        self.rows.append(w.g)
+        if self.first_gain is None:
+            self.first_gain = float(w.gain)
+        if self.checkpoint is not None and len(self.picks) % self.every == 0:
+            self.checkpoint.save(self.picks)
+        if self.bar is not None:
+            self.bar.step()
+        if self.on_step is not None:
+            self.on_step(len(self.picks) - 1, int(w.index))
+
+
+def run_greedy(
+    group: ShardGroup, steps: int, *, omega: float | None, rec: Recorder, forced: list[int] | None = None
+) -> bool:
+    """Run up to ``steps`` greedy steps over ``group``; returns True if stopped early by ω.
+
+    ``forced``: picks to replay first (from a checkpoint), consumed from the front.
+    """
+    for _ in range(steps):
+        if forced:
+            w = group.exact(forced.pop(0))
+        else:
+            best = group.best()
+            if best is None:
+                break
+            w = best
+            if omega is not None and rec.first_gain is not None and w.gain <= omega * rec.first_gain:
+                return True
+        rec.record(w)
+        group.update(w)
+    return False
+
+
+def _as_matrix(sketches: np.ndarray) -> np.ndarray:
+    G = np.asarray(sketches)
+    if G.ndim != 2:
+        raise ValueError(f"sketches must be a 2-d (N, d) array, got shape {G.shape}")
+    if G.dtype not in (np.float32, np.float64):
+        G = G.astype(np.float32)
+    if not np.isfinite(G).all():
+        raise ValueError("sketches contain NaN or inf")
+    return np.ascontiguousarray(G)
+
+
+def pool_quotas(n: int, k: int, pool_size: int) -> list[tuple[int, int, int]]:
+    """``(start, end, quota)`` of each pool of the windowed schedule.
+
+    ``quota ≈ round(k · m / N)`` per pool of m rows, distributed by cumulative rounding
+    (``round(k·end/N) − round(k·start/N)``, half up) so that the quotas add up to exactly k.
+    """
+    out = []
+    for a in range(0, n, pool_size):
+        b = min(n, a + pool_size)
+        quota = math.floor(k * b / n + 0.5) - math.floor(k * a / n + 0.5)
+        out.append((a, b, min(quota, b - a)))
+    return out
+
+
+def build_selection(
+    rec: Recorder,
+    *,
+    method: str,
+    params: dict[str, Any],
+    n: int,
+    k_requested: int,
+    k_eff: int,
+    early: bool,
+    diagnostics: bool,
+    stats: dict[str, Any] | None = None,
+) -> Selection:
+    """The :class:`Selection` (trace, log-dets, diagnostics) of a recorded run."""
+    alpha = float(params["alpha"])
+    d_rows = rec.rows[0].shape[0] if rec.rows else 0
+    rows = np.stack(rec.rows) if rec.rows else np.zeros((0, d_rows))
+    gains = np.asarray(rec.gains, dtype=np.float64)
+    conflicts = np.asarray(rec.conflicts, dtype=np.float64)
+    bases = np.log1p(alpha * np.einsum("ij,ij->i", rows, rows)) if len(rows) else np.zeros(0)
+    logdets = np.cumsum(gains)
+    if diagnostics:
+        eps, bound, diag = diagnose(rows, gains, bases, conflicts, alpha)
+    else:
+        eps, bound, diag = gains - bases, np.full(len(gains), np.nan), {}
+    if early:
+        stop_reason = "early_stop"
+    elif len(rec.picks) >= n:
+        stop_reason = "exhausted"
+    else:
+        stop_reason = "budget"
+    return Selection(
+        indices=np.asarray(rec.picks, dtype=np.int64),
+        gains=gains,
+        bases=bases,
+        conflicts=conflicts,
+        scores=np.asarray(rec.scores, dtype=np.float64),
+        logdets=logdets,
+        logdet=float(logdets[-1]) if len(logdets) else 0.0,
+        stop_reason=stop_reason,
+        method=method,
+        params=params,
+        n_candidates=n,
+        k_requested=k_requested,
+        eps=eps,
+        eps_bound=bound,
+        diagnostics=diag,
+        stats=dict(stats or {}),
+    )
+
+
+def _fixed_order(method: str, G: np.ndarray, k: int, norm_sq: np.ndarray, seed: int, target: np.ndarray | None) -> np.ndarray:
     n = G.shape[0]
-    q = norm_sq.copy()  # g_iᵀ M⁻¹ g_i
-    dot = np.zeros(n, dtype=np.float64)  # g_iᵀ s, s = Σ_{j∈S} g_j
+    if method == "random":
+        return np.random.default_rng(seed).permutation(n)[:k].astype(np.int64)
+    if method == "gradnorm":  # largest norm first, ties by index (stable sort of −‖g‖)
+        return np.argsort(-norm_sq, kind="stable")[:k].astype(np.int64)
+    # less: top-k cosine to the target set's mean sketch, ties by index
+    if target is None:
+        raise ValueError("method 'less' needs target sketches (target=(M, d) array)")
+    T = np.asarray(target, dtype=np.float64)
+    if T.ndim == 1:
+        T = T[None, :]
+    if T.ndim != 2 or T.shape[1] != G.shape[1] or T.shape[0] == 0:
+        raise ValueError(f"target must be an (M, {G.shape[1]}) array, got shape {T.shape}")
+    if not np.isfinite(T).all():
+        raise ValueError("target sketches contain NaN or inf")
+    mean = T.mean(axis=0)
+    m_norm = float(np.linalg.norm(mean))
+    if m_norm == 0:
+        raise ValueError("the target sketches' mean is zero: cosine to it is undefined")
+    cos = np.zeros(n, dtype=np.float64)
+    for a in range(0, n, 1 << 16):
+        cos[a : a + (1 << 16)] = G[a : a + (1 << 16)].astype(np.float64) @ (mean / m_norm)
     norms = np.sqrt(norm_sq)
-    inv_norm = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0)
-    s = np.zeros(G.shape[1], dtype=np.float64)
-    selected = np.zeros(n, dtype=bool)
-    inv = _InverseState(G.shape[1], k, alpha)
-    gain = np.empty(n, dtype=np.float64)
-    conflict = np.zeros(n, dtype=np.float64)
-    score = np.empty(n, dtype=np.float64)
-
-    picks: list[int] = []
-    gains: list[float] = []
-    conflicts: list[float] = []
-    scores: list[float] = []
-    first_gain: float | None = None
-    early = None
-    for _ in range(k):
-        np.multiply(q, alpha, out=gain)
-        np.log1p(gain, out=gain)
-        s_norm = float(np.sqrt(s @ s))
-        if s_norm > 0 and lam != 0:
-            # c = max(0, −cos) = max(0, −dot / (‖g‖‖s‖)); inv_norm is 0 for zero rows.
-            np.multiply(dot, inv_norm, out=conflict)
-            conflict *= -1.0 / s_norm
-            np.clip(conflict, 0.0, 1.0, out=conflict)
-            np.multiply(conflict, -lam, out=score)
-            score += gain
-        else:
-            score[:] = gain
-        score[selected] = -np.inf
-        i = int(np.argmax(score))
-        if omega is not None and first_gain is not None and gain[i] <= omega * first_gain:
-            early = "early_stop"
-            break
-
-        g = G[i].astype(np.float64)
-        u = inv.apply(g)
-        q_s = max(float(g @ u), 0.0)  # exact gain of the pick, from the float64 state
-        if s_norm > 0 and norms[i] > 0:
-            c_i = min(1.0, max(0.0, -float(g @ s) / (norms[i] * s_norm)))
-        else:
-            c_i = 0.0
-        g_i = float(np.log1p(alpha * q_s))
-        if first_gain is None:
-            first_gain = g_i
-        picks.append(i)
-        gains.append(g_i)
-        conflicts.append(c_i)
-        scores.append(g_i - lam * c_i)
-
-        selected[i] = True
-        if len(picks) < k:  # the candidate-side update is only needed for a further step
-            R = G @ np.stack([u, g], axis=1).astype(G.dtype, copy=False)
-            r0 = R[:, 0].astype(np.float64)
-            r0 *= r0
-            r0 *= alpha / (1.0 + alpha * q_s)
-            q -= r0
-            np.maximum(q, 0.0, out=q)
-            dot += R[:, 1]
-        inv.add(u, q_s)
-        s += g
-        bar.step()
-    return picks, gains, conflicts, scores, early
-
-
-def _trace_fixed(
-    G: np.ndarray, order: np.ndarray, alpha: float, lam: float, norm_sq: np.ndarray, bar: _Progress
-) -> tuple[list[float], list[float], list[float]]:
-    """Gains, conflicts and scores along a fixed order (O(d²) or O(t·d) per pick, no pass over G)."""
-    inv = _InverseState(G.shape[1], len(order), alpha)
-    s = np.zeros(G.shape[1], dtype=np.float64)
-    gains: list[float] = []
-    conflicts: list[float] = []
-    scores: list[float] = []
-    for i in order:
-        g = G[i].astype(np.float64)
-        u = inv.apply(g)
-        q_s = max(float(g @ u), 0.0)
-        s_norm = float(np.sqrt(s @ s))
-        g_norm = float(np.sqrt(norm_sq[i]))
-        c_i = min(1.0, max(0.0, -float(g @ s) / (g_norm * s_norm))) if s_norm > 0 and g_norm > 0 else 0.0
-        gain = float(np.log1p(alpha * q_s))
-        gains.append(gain)
-        conflicts.append(c_i)
-        scores.append(gain - lam * c_i)
-        inv.add(u, q_s)
-        s += g
-        bar.step()
-    return gains, conflicts, scores
+    np.divide(cos, norms, out=cos, where=norms > 0)
+    cos[norms == 0] = 0.0
+    return np.argsort(-cos, kind="stable")[:k].astype(np.int64)
 
 
 def select(
@@ -279,14 +345,39 @@ def select(
     omega: float | None = None,
     seed: int = 0,
     progress: bool = False,
+    target: np.ndarray | None = None,
+    pool_size: int | None = None,
+    lazy: bool | None = None,
+    device: str | None = "numpy",
+    checkpoint_dir: str | None = None,
+    checkpoint_every: int = 1000,
+    on_step: Callable[[int, int], None] | None = None,
+    diagnostics: bool = True,
 ) -> Selection:
     """Select up to ``k`` rows of ``sketches`` (N, d) by ``method``; the library entry point.
 
-    Methods: ``spice`` (greedy ``argmax Δ − λ c``), ``logdet`` (the same with λ = 0), ``random``
-    (a seeded permutation) and ``gradnorm`` (top-k by ‖g_i‖). Ties go to the smallest row index, so
-    callers sort rows by uid first. ``omega`` (spice/logdet only) stops before the first pick whose
-    gain is ≤ ω × the first gain. Every method reports the same trace (gains, conflicts, scores
-    with the given λ, running log-dets).
+    Methods: ``spice`` (greedy ``argmax Δ − λ c``), ``logdet`` (the same with λ = 0), ``windowed``
+    (SPICE on the paper's windowed schedule, below), ``random`` (a seeded permutation),
+    ``gradnorm`` (top-k by ‖g_i‖) and ``less`` (top-k cosine to the mean of ``target``, an (M, d)
+    array of target-set sketches). Ties go to the smallest row index, so callers sort rows by uid
+    first. ``omega`` (greedy methods only) stops before the first pick whose gain is ≤ ω × the
+    first gain. Every method reports the same trace (gains, conflicts, scores with the given λ,
+    running log-dets) and diagnostics.
+
+    Windowed: rows are shuffled by a permutation seeded with ``seed`` and cut into consecutive pools
+    of ``pool_size`` rows (default 10,000); pool p gets ``≈ round(k·m/N)`` picks (cumulative
+    rounding, so they add up to k) chosen by the greedy among the pool's rows only, against the
+    selected set carried over from the earlier pools; ties within a pool go to the smallest
+    original index.
+
+    Engine (greedy methods; the picks do not depend on it): ``lazy`` (None: lazy when running
+    with numpy, eager on a torch device), ``device`` (``numpy`` | ``cpu`` | ``cuda[:i]`` |
+    ``auto`` — torch for the eager pass when not numpy). ``checkpoint_dir`` (greedy methods):
+    save the picks every ``checkpoint_every`` steps, atomically, and resume from what is there when
+    it was written for the same sketches and parameters (the engine may differ); the resumed run
+    ends with the same picks and trace as an uninterrupted one. ``on_step(step, index)`` is called
+    after each pick (replayed ones included). ``diagnostics``: compute the ε bound, conflict–gain
+    Spearman and curvature (O(k·d²); see :mod:`spice_ray.select.diagnostics`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; expected one of {', '.join(METHODS)}")
@@ -298,58 +389,137 @@ def select(
         raise ValueError(f"omega must be in (0, 1), got {omega}")
     if k < 0:
         raise ValueError(f"k must be >= 0, got {k}")
+    if pool_size is not None and pool_size <= 0:
+        raise ValueError(f"pool_size must be > 0, got {pool_size}")
     G = _as_matrix(sketches)
     n, d = G.shape
     k_eff = min(int(k), n)
     lam_eff = 0.0 if method == "logdet" else float(lam)
-    params = {"alpha": float(alpha), "lam": lam_eff, "omega": omega, "seed": int(seed)}
-    if omega is not None and method in ("random", "gradnorm"):
+    greedy = method in GREEDY_METHODS
+    dev = _resolve_device(device) if greedy else "numpy"
+    use_lazy = (dev == "numpy") if lazy is None else bool(lazy)
+    params: dict[str, Any] = {"alpha": float(alpha), "lam": lam_eff, "omega": omega, "seed": int(seed)}
+    if method == "windowed":
+        params["pool_size"] = int(pool_size or DEFAULT_POOL_SIZE)
+    if greedy:
+        params.update(lazy=use_lazy, device="numpy" if use_lazy else dev)
+    if omega is not None and not greedy:
         log.info("omega=%s is ignored by the %s baseline (no greedy gain to stop on)", omega, method)
 
     t0 = time.perf_counter()
-    norm_sq = _row_norms_sq(G)
+    norm_sq = row_norms_sq(G)
+    ckpt = None
+    forced: list[int] = []
+    if checkpoint_dir is not None and greedy:
+        fp = {
+            "method": method, "n": n, "d": d, "k": k_eff, "alpha": float(alpha), "lam": lam_eff, "omega": omega,
+            "seed": int(seed) if method == "windowed" else None, "pool_size": params.get("pool_size"),
+            "data": fingerprint_data(G, norm_sq),
+        }
+        ckpt = PickCheckpoint(checkpoint_dir, fp)
+        forced = ckpt.load()
     bar = _Progress(progress, k_eff, f"select[{method}]")
-    early = None
+    rec = Recorder(ckpt, checkpoint_every, on_step, bar)
+    early = False
+    refreshed = 0
+    replayed = len(forced)
     try:
         if method in ("spice", "logdet"):
-            picks, gains, conflicts, scores, early = _greedy(G, k_eff, alpha, lam_eff, omega, norm_sq, bar)
-            order = np.asarray(picks, dtype=np.int64)
+            shard = CandidateShard(G, alpha=alpha, lam=lam_eff, max_updates=k_eff, lazy=use_lazy, device=dev)
+            group = LocalShards([shard])
+            early = run_greedy(group, k_eff, omega=omega, rec=rec, forced=forced)
+            refreshed = group.refreshed
+        elif method == "windowed":
+            early, refreshed = _windowed(G, k_eff, alpha, lam_eff, omega, seed, params["pool_size"], use_lazy, dev, rec, forced)
         else:
-            if method == "random":
-                order = np.random.default_rng(seed).permutation(n)[:k_eff].astype(np.int64)
-            else:  # gradnorm: largest norm first, ties by index (stable sort of −‖g‖)
-                order = np.argsort(-norm_sq, kind="stable")[:k_eff].astype(np.int64)
-            gains, conflicts, scores = _trace_fixed(G, order, alpha, lam_eff, norm_sq, bar)
+            order = _fixed_order(method, G, k_eff, norm_sq, seed, target)
+            state = SelectedState(d, len(order), alpha, lam_eff)
+            for i in order.tolist():
+                w = state.winner(G[[i]].astype(np.float64), np.array([i]))
+                rec.record(w)
+                state.add(w.u, w.g, w.q)
+        if forced:
+            raise ValueError(f"checkpoint has {len(forced)} picks that do not fit this run")
+        if ckpt is not None:
+            ckpt.save(rec.picks, complete=True)
     finally:
         bar.close()
-
-    gains_a = np.asarray(gains, dtype=np.float64)
-    logdets = np.cumsum(gains_a)
-    if early is not None:
-        stop_reason = early
-    elif k_eff >= n:
-        stop_reason = "exhausted"
-    else:
-        stop_reason = "budget"
-    sel = Selection(
-        indices=order,
-        gains=gains_a,
-        bases=np.log1p(alpha * norm_sq[order]),
-        conflicts=np.asarray(conflicts, dtype=np.float64),
-        scores=np.asarray(scores, dtype=np.float64),
-        logdets=logdets,
-        logdet=float(logdets[-1]) if len(logdets) else 0.0,
-        stop_reason=stop_reason,
-        method=method,
-        params=params,
-        n_candidates=n,
-        k_requested=int(k),
+    elapsed = time.perf_counter() - t0
+    stats = {"seconds": round(elapsed, 4), "replayed": replayed}
+    if greedy:
+        stats.update(lazy=use_lazy, device=params["device"], scored=int(refreshed))
+    sel = build_selection(
+        rec, method=method, params=params, n=n, k_requested=int(k), k_eff=k_eff, early=early,
+        diagnostics=diagnostics, stats=stats,
     )
     log.info(
         "select[%s]: %d of %d (d=%d) in %.2fs, logdet=%.4f, stop=%s",
-        method, len(sel), n, d, time.perf_counter() - t0, sel.logdet, stop_reason,
+        method, len(sel), n, d, elapsed, sel.logdet, sel.stop_reason,
     )
     return sel
+
+
+def _windowed(
+    G: np.ndarray, k: int, alpha: float, lam: float, omega: float | None, seed: int, pool_size: int,
+    lazy: bool, device: str, rec: Recorder, forced: list[int],
+) -> tuple[bool, int]:
+    """The windowed schedule (see :func:`select`); returns (stopped early, rows scored)."""
+    n, d = G.shape
+    perm = np.random.default_rng(seed).permutation(n)
+    state = SelectedState(d, k, alpha, lam)
+    refreshed = 0
+    for a, b, quota in pool_quotas(n, k, pool_size):
+        if quota <= 0:
+            continue
+        rows = np.sort(perm[a:b])
+        shard = CandidateShard(G[rows], alpha=alpha, lam=lam, max_updates=k, indices=rows, lazy=lazy, device=device, state=state)
+        in_pool = set(rows.tolist())
+        pool_forced: list[int] = []
+        while forced and len(pool_forced) < quota and forced[0] in in_pool:
+            pool_forced.append(forced.pop(0))
+        early = run_greedy(LocalShards([shard]), quota, omega=omega, rec=rec, forced=pool_forced)
+        refreshed += shard.refreshed
+        if early:
+            return True, refreshed
+    return False, refreshed
+
+
+def select_shards(
+    group: ShardGroup,
+    k: int,
+    *,
+    alpha: float,
+    lam: float,
+    omega: float | None = None,
+    method: str = "spice",
+    checkpoint: PickCheckpoint | None = None,
+    checkpoint_every: int = 1000,
+    on_step: Callable[[int, int], None] | None = None,
+    diagnostics: bool = True,
+    progress: bool = False,
+) -> Selection:
+    """The greedy over an existing group of shards (local or Ray); the same picks as :func:`select`.
+
+    The shards must have been built with ``max_updates = min(k, N)`` and the same α, λ.
+    """
+    k_eff = min(int(k), group.n)
+    forced = checkpoint.load() if checkpoint is not None else []
+    replayed = len(forced)
+    bar = _Progress(progress, k_eff, f"select[{method}, sharded]")
+    rec = Recorder(checkpoint, checkpoint_every, on_step, bar)
+    t0 = time.perf_counter()
+    try:
+        early = run_greedy(group, k_eff, omega=omega, rec=rec, forced=forced)
+        if checkpoint is not None:
+            checkpoint.save(rec.picks, complete=True)
+    finally:
+        bar.close()
+    params = {"alpha": float(alpha), "lam": float(lam), "omega": omega, "seed": 0}
+    stats = {"seconds": round(time.perf_counter() - t0, 4), "replayed": replayed}
+    return build_selection(
+        rec, method=method, params=params, n=group.n, k_requested=int(k), k_eff=k_eff, early=early,
+        diagnostics=diagnostics, stats=stats,
+    )
 
 
 def logdet_of(sketches: np.ndarray, indices: np.ndarray | list[int], alpha: float = 1.0) -> float:

@@ -72,14 +72,40 @@ def sketch_matrix(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
     return np.ascontiguousarray(flat.astype(np.float32, copy=False).reshape(n, d))
 
 
-def read_sketches(path: str) -> tuple[np.ndarray, np.ndarray]:
+def read_sketch_uids(path: str) -> np.ndarray:
+    """The uids of the sketch parquet at ``path``, sorted (the order selection indices refer to).
+
+    Reads only the ``uid`` column, so a driver can plan shards without holding the sketches.
+    """
+    fs, files = _parquet_files(path)
+    col = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["uid"]).column("uid")
+    col = col.combine_chunks()
+    if col.null_count:
+        raise ValueError(f"{col.null_count} sketch rows have a null uid")
+    uids = np.sort(col.to_numpy(zero_copy_only=False).astype(object))
+    if len(uids) > 1 and np.any(uids[1:] == uids[:-1]):
+        raise ValueError(f"duplicate uids in the sketches at {path}")
+    return uids
+
+
+def read_sketches(path: str, uid_range: tuple[str | None, str | None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(uids, G)`` from the sketch parquet at ``path``, rows sorted by uid.
 
     ``uids`` is a 1-d array of str (object dtype), ``G`` an (N, d) float32 array. Duplicate uids are
-    an error (a sketch table holds one row per record).
+    an error (a sketch table holds one row per record). ``uid_range=(lo, hi)`` keeps only the rows
+    with ``lo <= uid < hi`` (either end None: open) — one shard's slice.
     """
     fs, files = _parquet_files(path)
-    table = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["uid", "sketch"])
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    flt = None
+    if uid_range is not None:
+        lo, hi = uid_range
+        if lo is not None:
+            flt = pc.field("uid") >= lo
+        if hi is not None:
+            cond = pc.field("uid") < hi
+            flt = cond if flt is None else flt & cond
+    table = dataset.to_table(columns=["uid", "sketch"], filter=flt)
     if table.num_rows:
         order = pc.sort_indices(table, sort_keys=[("uid", "ascending")])
         table = table.take(order)

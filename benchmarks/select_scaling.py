@@ -1,0 +1,187 @@
+"""Selection at corpus scale: eager step vs one read, speed-up over submodlib, lazy wall time vs N.
+
+Prints, in one run:
+
+1. ``eager``: the time of one eager greedy step (the fused ``G @ [u, g]`` pass plus the score
+   update) against the time of one read of the sketch matrix (one ``G @ v``), at ``--eager-n`` rows
+   (goal: ≤ 2×);
+2. ``submodlib``: our log-det greedy (λ = 0; lazy and eager) against submodlib-py's
+   ``LogDeterminantFunction`` + ``NaiveGreedy`` (dense kernel ``α G Gᵀ``, ``lambdaVal = 1``, the same
+   objective) at ``--sub-n`` × d, budget ``--sub-k``, checking the picks are identical;
+3. ``scaling``: the wall time of SPICE (λ = 0.1, 10% budget, lazy) at each of ``--sizes`` rows, with
+   the eager time for the same run extrapolated from ``--eager-steps`` measured eager steps.
+
+Data: float32 "sketch-like" rows (a shared direction, a decaying spectrum, log-normal norms).
+Usage: ``python benchmarks/select_scaling.py [--sizes 100000,300000,1000000] [--sub-n 10000]
+[--sub-k 1000] [--skip-submodlib]``. Timings on a shared machine vary with its load, which is
+printed alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import numpy as np
+
+from spice_ray.select import CandidateShard, select
+
+
+def sketch_like(n: int, d: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    spec = (1.0 + np.arange(d)) ** -0.6
+    Q = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    mean = rng.normal(size=d)
+    mean /= np.linalg.norm(mean)
+    G = np.empty((n, d), dtype=np.float32)
+    for a in range(0, n, 1 << 16):
+        m = min(n, a + (1 << 16)) - a
+        X = (rng.normal(size=(m, d)) * spec) @ Q + 0.3 * mean
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        X *= rng.lognormal(0.0, 0.5, size=(m, 1))
+        G[a : a + m] = X
+    return G
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load avg {one:.1f}/{five:.1f} on {os.cpu_count()} cpus"
+
+
+def _median_time(f, reps: int) -> float:
+    f()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def time_read(G: np.ndarray, reps: int = 7) -> tuple[float, str]:
+    """The fastest of one ``G @ v`` (BLAS's own threading) and the same read in 512-row slices
+    spread over the eager pass's threads: the baseline is the best read this machine manages now."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spice_ray.select.shard import num_threads
+
+    v = np.random.default_rng(1).normal(size=G.shape[1]).astype(G.dtype)
+    out = np.empty(G.shape[0], dtype=G.dtype)
+    blas = _median_time(lambda: G @ v, reps)
+    threads = num_threads()
+
+    def part(lo: int) -> None:
+        for a in range(lo, min(G.shape[0], lo + (1 << 15)), 512):
+            np.matmul(G[a : a + 512], v, out=out[a : a + 512])
+
+    with ThreadPoolExecutor(threads) as pool:
+        sliced = _median_time(lambda: list(pool.map(part, range(0, G.shape[0], 1 << 15))), reps)
+    return (blas, "G @ v") if blas <= sliced else (sliced, f"G @ v in slices on {threads} threads")
+
+
+def eager_step_times(G: np.ndarray, steps: int, lam: float, k: int) -> list[float]:
+    """Seconds per eager step (best + update) for steps 1..steps (step 0 reads nothing)."""
+    shard = CandidateShard(G, alpha=1.0, lam=lam, max_updates=k, lazy=False)
+    w = shard.best()
+    shard.update(w.u, w.g, w.q, w.index)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        w = shard.best()
+        shard.update(w.u, w.g, w.q, w.index)
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_eager(n: int, d: int, steps: int) -> None:
+    G = sketch_like(n, d, seed=1)
+    read, how = time_read(G)
+    per = statistics.median(eager_step_times(G, steps, lam=0.1, k=max(steps + 1, n // 10)))
+    print(f"[eager] N={n:,} d={d} float32: one read ({how}) {read * 1e3:.1f} ms, "
+          f"one eager step {per * 1e3:.1f} ms (median of {steps}) -> {per / read:.2f}x a read  ({load()})", flush=True)
+
+
+def bench_submodlib(n: int, d: int, k: int, skip: bool) -> None:
+    G = sketch_like(n, d, seed=2)
+    alpha = 1.0
+    t = time.perf_counter()
+    lazy = select(G, k, method="logdet", alpha=alpha, lazy=True, diagnostics=False)
+    t_lazy = time.perf_counter() - t
+    t = time.perf_counter()
+    eager = select(G, k, method="logdet", alpha=alpha, lazy=False, diagnostics=False)
+    t_eager = time.perf_counter() - t
+    same = lazy.indices.tolist() == eager.indices.tolist()
+    print(f"[submodlib] N={n:,} d={d} k={k:,}: ours lazy {t_lazy:.2f} s, eager {t_eager:.2f} s "
+          f"(lazy == eager picks: {same})", flush=True)
+    if skip:
+        return
+    try:
+        from submodlib import LogDeterminantFunction
+    except ImportError:
+        print("[submodlib] submodlib-py not installed (pip install -e .[dev]); skipped", flush=True)
+        return
+    G64 = G.astype(np.float64)
+    t = time.perf_counter()
+    f = LogDeterminantFunction(n=n, mode="dense", lambdaVal=1, sijs=alpha * (G64 @ G64.T))
+    res = f.maximize(budget=k, optimizer="NaiveGreedy", stopIfZeroGain=False, stopIfNegativeGain=False,
+                     show_progress=False)
+    t_sub = time.perf_counter() - t
+    picks = [int(i) for i, _ in res]
+    same_sub = picks == lazy.indices.tolist()
+    first_diff = next((i for i, (a, b) in enumerate(zip(picks, lazy.indices.tolist())) if a != b), None)
+    print(f"[submodlib] submodlib NaiveGreedy {t_sub:.1f} s (kernel build included) -> speed-up "
+          f"{t_sub / t_lazy:.0f}x (lazy), {t_sub / t_eager:.0f}x (eager); identical picks: {same_sub}"
+          + ("" if same_sub else f" (first difference at step {first_diff})") + f"  ({load()})", flush=True)
+
+
+def bench_scaling(sizes: list[int], d: int, lam: float, eager_steps: int) -> None:
+    for n in sizes:
+        G = sketch_like(n, d, seed=3)
+        k = n // 10
+        t = time.perf_counter()
+
+        def progress(step: int, index: int, k: int = k, t0: float = t) -> None:
+            if (step + 1) % max(1, k // 10) == 0:
+                print(f"  [scaling] N={n:,}: {step + 1:,}/{k:,} picks after {time.perf_counter() - t0:.0f} s  ({load()})",
+                      flush=True)
+
+        sel = select(G, k, lam=lam, lazy=True, on_step=progress)
+        wall = time.perf_counter() - t
+        per = statistics.median(eager_step_times(G, eager_steps, lam=lam, k=k))
+        diag = sel.diagnostics
+        print(f"[scaling] N={n:,} d={d} k={k:,} lambda={lam}: lazy wall {wall:.1f} s "
+              f"({sel.stats['seconds']:.1f} s greedy, {sel.stats['scored'] / k:.0f} rows scored/step); "
+              f"eager ~{per * k:.0f} s (extrapolated: {per * 1e3:.0f} ms/step x {k:,}) -> lazy "
+              f"{per * k / wall:.0f}x faster; logdet {sel.logdet:.1f}, conflict-gain spearman "
+              f"{diag.get('conflict_gain_spearman')}, eps bound holds {diag.get('eps_bound_holds')}  ({load()})",
+              flush=True)
+        del G
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--eager-n", type=int, default=1_000_000)
+    ap.add_argument("--eager-steps", type=int, default=10)
+    ap.add_argument("--sub-n", type=int, default=10_000)
+    ap.add_argument("--sub-k", type=int, default=1_000)
+    ap.add_argument("--skip-submodlib", action="store_true", help="time only our side of the comparison")
+    ap.add_argument("--sizes", default="100000,300000", help="comma-separated N for the scaling runs")
+    ap.add_argument("--lam", type=float, default=0.1)
+    ap.add_argument("--parts", default="eager,submodlib,scaling")
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    print(f"# select_scaling: python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()}, {load()}", flush=True)
+    if "eager" in parts:
+        bench_eager(args.eager_n, args.d, args.eager_steps)
+    if "submodlib" in parts:
+        bench_submodlib(args.sub_n, args.d, args.sub_k, args.skip_submodlib)
+    if "scaling" in parts:
+        bench_scaling([int(x) for x in args.sizes.split(",") if x], args.d, args.lam, args.eager_steps)
+
+
+if __name__ == "__main__":
+    main()
