@@ -88,7 +88,13 @@ def test_ray_job_submit_then_spice_ray_submit(ray_head, tmp_path):
         "--runtime-env", "jobs/runtime_env.yaml", "--",
         "python", "-m", "spice_ray", "run", "--config", "jobs/smoke.yaml", *sum([["--set", o] for o in overrides], []),
     ]
-    subprocess.run(submit, cwd=REPO, env=env, check=True, capture_output=True, text=True)
+    # A head that answers /api/version may not have its job agent up yet: retry while it starts.
+    for _ in range(6):
+        done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True)
+        if done.returncode == 0:
+            break
+        time.sleep(10)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert wait_for(ray_head, job_id) == "SUCCEEDED"
     for stage in ("models", "ingest", "sketch", "select", "train"):
         assert (root / stage / "_SUCCESS").exists(), stage

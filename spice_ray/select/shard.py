@@ -88,19 +88,32 @@ class _Engine:
     def rows64(self, local: np.ndarray) -> np.ndarray:
         return self.G[local].astype(np.float64)
 
+    def _narrow(self, cands: np.ndarray, approx: np.ndarray, unit: float) -> np.ndarray:
+        """The candidates that can still be the canonical argmax, by per-row margins ``a‖g_i‖² + b``.
+
+        The best approximate row j has canonical score ≥ approx_j − m_j; row i can only beat or
+        tie it if approx_i + m_i ≥ that.
+        """
+        a, b = self.state.margin_coefs(unit, self.max_norm_sq)
+        reach = self.norm_sq[cands] * a
+        reach += b
+        j = int(np.argmax(approx))
+        low = float(approx[j]) - float(reach[j])
+        reach += approx
+        return cands[reach >= low]
+
     def decide(self, cands: np.ndarray, approx: np.ndarray | None, unit: float) -> Winner:
         """From candidates (local, ascending) with approximate scores: narrow by margins, decide exactly.
 
-        ``approx=None``: the candidates are already narrowed (by per-row margins).
+        ``approx=None``: the candidates are already narrowed.
         """
         st = self.state
-        if approx is not None:
-            keep = approx >= float(approx.max()) - st.margin(self.max_norm_sq, unit)
-            cands = cands[keep]
+        if approx is not None and cands.size > 1:
+            cands = self._narrow(cands, approx, unit)
         X = self.rows64(cands)
         if unit != U64 and cands.size > 1:  # re-score in float64 first, then the canonical few
             _, _, score = st.fresh(X)
-            keep = score >= float(score.max()) - st.margin(self.max_norm_sq, U64)
+            keep = np.isin(cands, self._narrow(cands, score, U64))
             cands, X = cands[keep], X[keep]
         return st.winner(X, self.indices[cands])
 
