@@ -28,7 +28,6 @@ its ``hf`` model: ``spice-ray eval RUN --lm-eval TASKS``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -66,19 +65,6 @@ def _set_names(paths: Sequence[str]) -> list[str]:
             name, k = f"{base}_{k}", k + 1
         names.append(name)
     return names
-
-
-def inputs_key(paths: Sequence[str]) -> str:
-    """A key over the eval files' names, sizes and mtimes (changes when an eval file does)."""
-    h = hashlib.sha256()
-    for p in paths:
-        path = Path(p).expanduser()
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        for f in files:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def prepare_eval_sets(cfg: Config, tokenizer: Any, out_dir: str | Path) -> dict[str, dict[str, Any]]:

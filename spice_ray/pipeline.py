@@ -33,7 +33,7 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from spice_ray.config import Config, dump_config, redact
-from spice_ray.storage import Store, ensure_local
+from spice_ray.storage import Store, ensure_local, files_key
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
             "files": result.files,
         }
 
-    ingest_key = _stage_key(cfg, "ingest", [models_key_full, _corpus_inputs_key(cfg)])
+    ingest_key = _stage_key(cfg, "ingest", [models_key_full, files_key(cfg.corpus.paths)])
     if "ingest" in wanted:
         outcomes["ingest"] = run_stage(root, "ingest", ingest_key, cfg, ingest_body, {"paths": cfg.corpus.paths or ["<demo>"]})
 
@@ -345,9 +345,8 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
         outcomes["train"] = run_stage(root, "train", train_key, cfg, train_body, {"selection": select_result["selection"], "target": models["target_fingerprint"]})
 
     # eval: held-out loss / perplexity of the base and the fine-tuned target (spice_ray.evaluate)
-    from spice_ray.evaluate import inputs_key as eval_inputs_key
-
-    eval_key = _stage_key(cfg, "eval", [train_key, models_key_full, eval_inputs_key(cfg.eval.paths)])
+    
+    eval_key = _stage_key(cfg, "eval", [train_key, models_key_full, files_key(cfg.eval.paths)])
     if "eval" in wanted:
         train_result = _require(root, "train", train_key)
         select_result = _require(root, "select", select_key)
@@ -427,19 +426,6 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
             }
         )
     return rows
-
-
-def _corpus_inputs_key(cfg: Config) -> str:
-    """A key over the corpus files' names, sizes and mtimes (content hashes go in the manifest)."""
-    h = hashlib.sha256()
-    for p in cfg.corpus.paths:
-        path = Path(p).expanduser()
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        for f in files:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def _require(root: RunRoot, stage: str, key: str) -> dict[str, Any]:

@@ -140,3 +140,16 @@ def ensure_local(uri: str, cache_dir: str | Path | None = None) -> str:
         if not done.exists():
             raise
     return str(target)
+
+
+def files_key(paths: list[str] | tuple[str, ...]) -> str:
+    """A key over local input files' paths, sizes and mtimes (content hashes go in manifests)."""
+    h = hashlib.sha256()
+    for p in paths:
+        path = Path(p).expanduser()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path]
+        for f in files:
+            if f.is_file():
+                st = f.stat()
+                h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

@@ -205,15 +205,12 @@ def encode_batch(
     rendered = [render_with_spans(tokenizer, messages) for messages in batch]
     if not rendered:
         return []
-    try:
-        enc = tokenizer(
-            [text for text, _ in rendered],
-            add_special_tokens=False,
-            return_offsets_mapping=True,
-            return_attention_mask=False,
-        )
-    except NotImplementedError as e:
-        raise EncodeError(f"{type(tokenizer).__name__} gives no offset mapping: {e}") from e
+    enc = tokenizer(  # a fast tokenizer (checked above) always gives offsets
+        [text for text, _ in rendered],
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+    )
     special = _special_ids(tokenizer)
     out = []
     for (text, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
