@@ -33,12 +33,17 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def ray_head():
     """`ray start --head` in its own process group and temp dir (so it never becomes the default
-    cluster of this machine); torn down by killing that group."""
+    cluster of this machine); torn down by killing that group. Every agent port is a free one: the
+    test session's own Ray already holds the defaults (52365 and friends), and a head whose job agent
+    cannot bind answers every submit with "No available agent"."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix sockets live here
     dash = free_port()
     cmd = [
         str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
         f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
         "--num-cpus=2", "--object-store-memory=300000000", f"--temp-dir={temp_dir}", "--disable-usage-stats",
     ]
     # The job's `python` is the head's: put this venv first, as a cluster image would have it.
@@ -89,7 +94,7 @@ def test_ray_job_submit_then_spice_ray_submit(ray_head, tmp_path):
         "python", "-m", "spice_ray", "run", "--config", "jobs/smoke.yaml", *sum([["--set", o] for o in overrides], []),
     ]
     # A head that answers /api/version may not have its job agent up yet: retry while it starts.
-    for _ in range(6):
+    for _ in range(12):
         done = subprocess.run(submit, cwd=REPO, env=env, capture_output=True, text=True)
         if done.returncode == 0:
             break
