@@ -123,8 +123,10 @@ class SketchConfig(_Section):
 class SelectConfig(_Section):
     """Greedy selection over the sketches."""
 
-    method: Literal["spice", "logdet", "random", "gradnorm"] = Field(
-        "spice", description="spice | logdet (λ = 0) | random | gradnorm (top-k ‖g‖)."
+    method: Literal["spice", "logdet", "random", "gradnorm", "less", "windowed"] = Field(
+        "spice",
+        description="spice | logdet (λ = 0) | random | gradnorm (top-k ‖g‖) | less (top-k cosine to "
+        "`target`) | windowed (SPICE in pools of `pool_size`, as the paper's code).",
     )
     fraction: float | None = Field(0.1, gt=0, le=1, description="Budget as a fraction of the records.")
     k: int | None = Field(None, gt=0, description="Budget as a count; overrides fraction when set.")
@@ -133,7 +135,23 @@ class SelectConfig(_Section):
     omega: float | None = Field(
         None, gt=0, lt=1, description="Early stop at the first step whose gain ≤ ω × first gain."
     )
-    seed: int = Field(0, description="Seed of the random baseline.")
+    seed: int = Field(0, description="Seed of the random baseline and of the windowed pools.")
+    target: str | None = Field(
+        None,
+        description="less: the target set, either a .txt file of pool uids (one per line) or the "
+        "sketches of a target corpus (a sketch stage's `sketches` dir or parquet, same sketch config).",
+    )
+    pool_size: int | None = Field(None, gt=0, description="windowed: rows per pool (None: 10,000).")
+    lazy: bool | None = Field(
+        None, description="Lazy greedy (exact; same picks). None: lazy on numpy, eager on a torch device."
+    )
+    device: str | None = Field(
+        None,
+        pattern=r"^(numpy|cpu|auto|cuda(:\d+)?)$",
+        description="Greedy engine: numpy | cpu | cuda[:i] | auto. None: cuda when the actor has a GPU.",
+    )
+    shards: int = Field(1, ge=1, description="Shard actors for sketch sets over one machine's memory.")
+    checkpoint_every: int = Field(1000, gt=0, description="Checkpoint the greedy's picks every N steps.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs of the selector actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the selector actor.")
 
@@ -145,9 +163,11 @@ class SelectConfig(_Section):
         return min(n, max(1, round(self.fraction * n)))
 
     @model_validator(mode="after")
-    def _one_budget(self) -> SelectConfig:
+    def _check(self) -> SelectConfig:
         if self.k is None and self.fraction is None:
             raise ValueError("set select.fraction or select.k")
+        if self.method == "less" and not self.target:
+            raise ValueError("select.method=less needs select.target (a uid list or target sketches)")
         return self
 
 
@@ -346,7 +366,8 @@ def config_reference_markdown() -> str:
         model = field.annotation
         for key, sub in model.model_fields.items():  # type: ignore[union-attr]
             default = json.dumps(defaults[section][key])
-            rows.append(f"| `{section}.{key}` | `{default}` | {sub.description or ''} |")
+            meaning = (sub.description or "").replace("|", "\\|")  # a bare | would split the cell
+            rows.append(f"| `{section}.{key}` | `{default}` | {meaning} |")
     return "\n".join(rows)
 
 

@@ -309,7 +309,7 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
         outcomes["sketch"] = run_stage(root, "sketch", sketch_key, cfg, sketch_body, {"records": ingest_result["records"], "proxy": models["proxy_fingerprint"]})
 
     # select
-    select_key = _stage_key(cfg, "select", [sketch_key])
+    select_key = _stage_key(cfg, "select", [sketch_key, *([files_key([cfg.select.target])] if cfg.select.target else [])])
     if "select" in wanted:
         sketch_result = _require(root, "sketch", sketch_key)
 

@@ -143,13 +143,20 @@ def ensure_local(uri: str, cache_dir: str | Path | None = None) -> str:
 
 
 def files_key(paths: list[str] | tuple[str, ...]) -> str:
-    """A key over local input files' paths, sizes and mtimes (content hashes go in manifests)."""
+    """A key over input files' paths, sizes and mtimes, local or remote (content hashes go in manifests).
+
+    A path that is not there contributes its name only; the reader that needs it raises.
+    """
     h = hashlib.sha256()
     for p in paths:
-        path = Path(p).expanduser()
-        files = sorted(path.rglob("*")) if path.is_dir() else [path]
-        for f in files:
-            if f.is_file():
-                st = f.stat()
-                h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        fs, path = resolve_filesystem(str(p))
+        h.update(f"{p}\n".encode())
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            infos = sorted(fs.get_file_info(pafs.FileSelector(path, recursive=True)), key=lambda f: f.path)
+        else:
+            infos = [info]
+        for f in infos:
+            if f.type == pafs.FileType.File:
+                h.update(f"{f.path}:{f.size}:{f.mtime_ns}\n".encode())
     return h.hexdigest()

@@ -38,6 +38,10 @@ def test_defaults_and_overrides(tmp_path):
         (["train.zero_stage=1"], "train.zero_stage"),
         (["select.fraction=null"], "select.fraction or select.k"),
         (["select"], "expected section.key=value"),
+        (["select.method=less"], "select.target"),
+        (["select.device=tpu"], "select.device"),
+        (["select.shards=0"], "select.shards"),
+        (["select.checkpoint_every=0"], "select.checkpoint_every"),
     ],
 )
 def test_bad_value_names_the_key(overrides, key):

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spice_ray.config import SelectConfig, load_config
+from spice_ray.config import load_config
 from spice_ray.pipeline import RunRoot, run_pipeline
 from spice_ray.select import read_sketches
 
@@ -231,10 +231,8 @@ def test_driver_killed_between_stages_and_inside_select(ray_session, tmp_path):
     _synthetic_corpus(corpus, 4000)
     overrides = [
         f"run.root={root}", f"corpus.paths=[{corpus}]", f"sketch.cache_dir={cache}", *SMALL,
-        "select.fraction=1.0", "run.stages=[ingest,sketch,select]",
+        "select.fraction=1.0", "run.stages=[ingest,sketch,select]", "select.checkpoint_every=500",
     ]
-    if "checkpoint_every" in SelectConfig.model_fields:
-        overrides.append("select.checkpoint_every=500")
     cfg = load_config(None, overrides)
     run_pipeline(cfg, stages=["ingest"])  # models + ingest (no Ray)
     n = _seed_sketch_cache(cfg, root)

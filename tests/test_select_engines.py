@@ -355,6 +355,44 @@ def test_less_top_k_cosine_to_target_mean() -> None:
         select(G, 5, method="less", target=np.ones((2, 3)))
 
 
+
+def test_every_method_from_config(tmp_path) -> None:
+    """The SelectConfig fields reach the engine: select_to_dir (what the actor runs) equals select()."""
+    from spice_ray.config import SelectConfig
+    from spice_ray.select.actor import select_to_dir
+
+    G = sketch_like(13, n=90, d=6)
+    uids = [f"u{i:03d}" for i in range(90)]
+    _write(tmp_path / "pool.parquet", uids, G)
+    target_uids = ["u007", "u042", "u081"]
+    (tmp_path / "target.txt").write_text("\n".join(target_uids) + "\n")
+    T = sketch_like(14, n=5, d=6, dup=0, zeros=0)
+    _write(tmp_path / "target.parquet", [f"t{i}" for i in range(5)], T)
+
+    def picks(out: str, **fields) -> list[str]:
+        select_to_dir(str(tmp_path / "pool.parquet"), str(tmp_path / out), SelectConfig(k=12, **fields))
+        return pq.read_table(tmp_path / out / "selection.parquet").column("uid").to_pylist()
+
+    def names(indices) -> list[str]:
+        return [uids[i] for i in indices]
+
+    want = names(select(G, 12, lam=0.3).indices)
+    assert picks("eager", lam=0.3, lazy=False) == want == picks("lazy", lam=0.3, lazy=True, checkpoint_every=3)
+    assert picks("torch", lam=0.3, device="cpu") == want
+    assert picks("windowed", method="windowed", lam=0.3, pool_size=20, seed=5) == names(
+        select(G, 12, method="windowed", lam=0.3, pool_size=20, seed=5).indices
+    )
+    rows = [uids.index(u) for u in target_uids]
+    assert picks("less_uids", method="less", target=str(tmp_path / "target.txt")) == names(
+        select(G, 12, method="less", target=G[rows]).indices
+    )
+    assert picks("less_sketches", method="less", target=str(tmp_path / "target.parquet")) == names(
+        select(G, 12, method="less", target=T).indices
+    )
+    (tmp_path / "bad.txt").write_text("u007\nnot-a-uid\n")
+    with pytest.raises(ValueError, match="1 of 2 target uids are not in the pool"):
+        picks("bad", method="less", target=str(tmp_path / "bad.txt"))
+
 # -------------------------------------------------------------------------------------- diagnostics
 def test_diagnostics() -> None:
     G = sketch_like(12, n=80, d=10)

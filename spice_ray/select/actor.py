@@ -9,12 +9,7 @@ runs it where the sketches are loaded, so the driver never holds them. Outputs u
 (same picks as an uninterrupted run), and the checkpoint is removed once the outputs are written.
 
 With ``shards > 1`` (see :func:`run_select_stage`) the greedy runs over shard actors instead
-(:mod:`spice_ray.select.sharded`), each reading its own slice; the driver writes the outputs.
-
-Settings beyond :class:`~spice_ray.config.SelectConfig`'s current fields are read with defaults
-(``lazy``, ``device``, ``checkpoint_every``, ``pool_size``, ``target``, ``shards``) so that this
-module works before and after they are added to the config.
-"""
+(:mod:`spice_ray.select.sharded`), each reading its own slice; the driver writes the outputs."""
 
 from __future__ import annotations
 
@@ -35,7 +30,7 @@ import ray
 from spice_ray.config import SelectConfig
 from spice_ray.select.checkpoint import PickCheckpoint
 from spice_ray.select.greedy import Selection, select
-from spice_ray.select.io import read_sketches
+from spice_ray.select.io import read_sketches, read_target
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +76,6 @@ def selection_table(uids: np.ndarray, sel: Selection) -> pa.Table:
     )
 
 
-def _opt(cfg: Any, name: str, default: Any) -> Any:
-    """A SelectConfig setting that may not exist yet in this version of the config."""
-    value = getattr(cfg, name, None)
-    return default if value is None else value
-
-
 def checkpoint_dir(out_dir: str) -> str:
     return f"{str(out_dir).rstrip('/')}/_checkpoint"
 
@@ -109,10 +98,7 @@ def select_to_dir(
     t0 = time.perf_counter()
     uids, G = read_sketches(sketches_path)
     n, d = G.shape
-    target = None
-    target_path = _opt(cfg, "target", None)
-    if target_path:
-        _, target = read_sketches(str(target_path))
+    target = read_target(cfg.target, uids, G) if cfg.target else None
     t_read = time.perf_counter() - t0
     ckpt_dir = checkpoint_dir(out_dir)
     sel = select(
@@ -124,11 +110,11 @@ def select_to_dir(
         omega=cfg.omega,
         seed=cfg.seed,
         target=target,
-        pool_size=_opt(cfg, "pool_size", None),
-        lazy=_opt(cfg, "lazy", None),
-        device=device or _opt(cfg, "device", "numpy"),
+        pool_size=cfg.pool_size,
+        lazy=cfg.lazy,
+        device=device or cfg.device or "numpy",
         checkpoint_dir=ckpt_dir,
-        checkpoint_every=int(_opt(cfg, "checkpoint_every", 1000)),
+        checkpoint_every=cfg.checkpoint_every,
     )
     t_select = time.perf_counter() - t0 - t_read
     summary = sel.summary()
@@ -153,7 +139,7 @@ class SelectorActor:
         """Select from ``sketches_path`` into ``out_dir`` with ``cfg`` (a SelectConfig as a dict)."""
         logging.basicConfig(level=logging.INFO)
         config = SelectConfig(**cfg)
-        device = _opt(config, "device", None)
+        device = config.device
         if device is None:
             device = "cuda" if ray.get_gpu_ids() else "numpy"
         return select_to_dir(sketches_path, out_dir, config, device=device)
@@ -164,7 +150,7 @@ def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dic
 
     Ray must already be initialized (or ``ray.init`` is called implicitly with the defaults).
     """
-    shards = int(_opt(cfg, "shards", 1))
+    shards = cfg.shards
     if shards > 1 and cfg.method in ("spice", "logdet"):
         return _run_sharded(sketches_path, out_dir, cfg, shards)
     if shards > 1:
@@ -182,7 +168,7 @@ def _run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, shards: in
 
     t0 = time.perf_counter()
     n = len(read_sketch_uids(str(sketches_path)))
-    device = _opt(cfg, "device", None) or ("cuda" if cfg.num_gpus > 0 else "numpy")
+    device = cfg.device or ("cuda" if cfg.num_gpus > 0 else "numpy")
     ckpt_dir = checkpoint_dir(out_dir)
     sel, uids = select_sharded(
         str(sketches_path),
@@ -192,12 +178,12 @@ def _run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, shards: in
         alpha=cfg.alpha,
         lam=cfg.lam,
         omega=cfg.omega,
-        lazy=_opt(cfg, "lazy", None),
+        lazy=cfg.lazy,
         device=device,
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         checkpoint_dir=ckpt_dir,
-        checkpoint_every=int(_opt(cfg, "checkpoint_every", 1000)),
+        checkpoint_every=cfg.checkpoint_every,
     )
     assert uids is not None
     summary = sel.summary()

@@ -118,3 +118,32 @@ def read_sketches(path: str, uid_range: tuple[str | None, str | None] | None = N
     G = sketch_matrix(table.column("sketch"))
     log.info("read %d sketches (d=%d) from %d file(s) at %s", G.shape[0], G.shape[1], len(files), path)
     return uids, G
+
+
+def read_target(target: str, pool_uids: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """The target-set sketches of LESS-style selection, (M, d) float32.
+
+    ``target`` is either a ``.txt`` file of uids (one per line) whose rows are taken from the pool
+    (``pool_uids`` sorted, as :func:`read_sketches` returns them), or the sketches of a separately
+    sketched target corpus (a sketch directory or parquet, same sketch config as the pool).
+    """
+    if target.endswith(".txt"):
+        fs, path = _filesystem(target)
+        with fs.open_input_stream(path) as f:
+            wanted = [line.strip() for line in f.read().decode().splitlines() if line.strip()]
+        if not wanted:
+            raise ValueError(f"the target uid list {target} is empty")
+        wanted_arr = np.asarray(wanted, dtype=object)
+        idx = np.searchsorted(pool_uids, wanted_arr).clip(0, max(len(pool_uids) - 1, 0))
+        missing = [u for u, i in zip(wanted, idx, strict=True) if len(pool_uids) == 0 or pool_uids[i] != u]
+        if missing:
+            raise ValueError(f"{len(missing)} of {len(wanted)} target uids are not in the pool (first: {missing[0]})")
+        return pool[idx]
+    _, target_sketches = read_sketches(target)
+    if target_sketches.shape[1] != pool.shape[1]:
+        raise ValueError(
+            f"target sketches have d={target_sketches.shape[1]}, the pool d={pool.shape[1]}: sketch both with one config"
+        )
+    if not len(target_sketches):
+        raise ValueError(f"no target sketches at {target}")
+    return target_sketches

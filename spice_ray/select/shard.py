@@ -257,7 +257,7 @@ class EagerTorch(_Engine):
         super().__init__(G, indices, state)
         self.torch = torch
         self.device = torch.device(device)
-        self.Gt = torch.as_tensor(np.ascontiguousarray(G), device=self.device).to(torch.float64)
+        self.Gt = torch.tensor(G, dtype=torch.float64, device=self.device)  # one copy, read-only input is fine
         norm_sq = torch.as_tensor(self.norm_sq, device=self.device)
         self.inv_norm = torch.where(norm_sq > 0, norm_sq.rsqrt(), torch.zeros_like(norm_sq))
         if state.t == 0:
