@@ -286,7 +286,7 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
     if cfg.sketch.optimizer_state:
         from spice_ray.sketch.stage import digest_path
 
-        sketch_extra.append(digest_path(Path(cfg.sketch.optimizer_state).expanduser()))
+        sketch_extra.append(digest_path(Path(ensure_local(cfg.sketch.optimizer_state)).expanduser()))
     sketch_key = _stage_key(cfg, "sketch", [models_key_full, ingest_key, *sketch_extra])
     if "sketch" in wanted:
         ingest_result = _require(root, "ingest", ingest_key)
@@ -345,17 +345,16 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, S
         outcomes["train"] = run_stage(root, "train", train_key, cfg, train_body, {"selection": select_result["selection"], "target": models["target_fingerprint"]})
 
     # eval: held-out loss / perplexity of the base and the fine-tuned target (spice_ray.evaluate)
-    
     eval_key = _stage_key(cfg, "eval", [train_key, models_key_full, files_key(cfg.eval.paths)])
     if "eval" in wanted:
         train_result = _require(root, "train", train_key)
         select_result = _require(root, "select", select_key)
 
         def eval_body(dirs: StageDirs) -> dict[str, Any]:
-            from spice_ray.evaluate import run_eval_stage
+            from spice_ray.evaluate import RESULTS_FILE, run_eval_stage
 
             init_ray(cfg.run.ray_address)
-            return run_eval_stage(
+            return {"results_file": f"{dirs.uri}/{RESULTS_FILE}"} | run_eval_stage(
                 cfg,
                 out_dir=str(dirs.local),
                 base_model=models["target"],

@@ -116,22 +116,45 @@ class Store:
         return self.uri(rel)
 
 
-def ensure_local(uri: str, cache_dir: str | Path | None = None) -> str:
-    """A local directory holding ``uri``: the path itself when local, else a cached download.
+def move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
+    """Move directory ``src`` to ``dst`` (which must not exist) on ``fs``.
 
-    Hub ids (neither a local path nor a remote URI) pass through unchanged for from_pretrained.
+    Locally one rename (atomic). Object stores have no directories to rename: every object is
+    copied, then ``src`` is deleted; readers rely on the stage's completion marker instead.
+    """
+    if isinstance(fs, pafs.LocalFileSystem):
+        fs.move(src, dst)
+        return
+    src = src.rstrip("/")
+    for info in fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            fs.copy_file(info.path, f"{dst.rstrip('/')}{info.path[len(src):]}")
+    fs.delete_dir(src)
+
+
+def ensure_local(uri: str, cache_dir: str | Path | None = None) -> str:
+    """A local path holding ``uri``: the path itself when local, else a cached download.
+
+    The cache entry is keyed by the URI and its files' sizes and mtimes, so a remote directory that
+    changed is downloaded again. Hub ids (neither a local path nor a remote URI) pass through
+    unchanged for from_pretrained.
     """
     if not is_remote(uri):
         return uri
     cache = Path(cache_dir or os.environ.get("SPICE_CACHE", Path.home() / ".cache" / "spice-ray")) / "remote"
-    target = cache / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    fs, path = resolve_filesystem(uri)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"not found: {uri}")
+    target = cache / hashlib.sha256((uri + files_key([uri])).encode()).hexdigest()[:24]
+    local = target / info.base_name if info.type == pafs.FileType.File else target  # a file keeps its name
     done = target / ".complete"
     if done.exists():
-        return str(target)
-    fs, path = resolve_filesystem(uri)
+        return str(local)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache, prefix=".dl-"))
-    pafs.copy_files(path, str(tmp), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    dest = tmp / info.base_name if info.type == pafs.FileType.File else tmp
+    pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     (tmp / ".complete").write_text(uri + "\n")
     try:
         os.replace(tmp, target)  # a complete download appears at once, or not at all
@@ -139,7 +162,7 @@ def ensure_local(uri: str, cache_dir: str | Path | None = None) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         if not done.exists():
             raise
-    return str(target)
+    return str(local)
 
 
 def files_key(paths: list[str] | tuple[str, ...]) -> str:

@@ -96,3 +96,43 @@ def test_changed_select_config_reruns_select_and_train_only(finished_run, tmp_pa
     assert runs[0]["selected"] == runs[1]["selected"] and runs[0]["records"] == runs[1]["records"]
     history = sorted((root / "history").iterdir())
     assert all((h / "selection.parquet").exists() for h in history)
+
+
+def test_grown_corpus_sketches_only_new_records_and_selects_over_the_union(ray_session, tmp_path):
+    """Scheduled curation: run, add 10% new records, rerun. Only the new records are sketched, the
+    selection runs over the union, and it equals a from-scratch run over the grown corpus."""
+    from spice_ray.corpus.demo import write_demo_corpus
+
+    corpus = tmp_path / "corpus"
+    write_demo_corpus(corpus, n=200, seed=1)
+    stages = "[ingest,sketch,select]"
+    cfg = small_config(tmp_path / "run", **{"corpus.paths": f"[{corpus}]", "run.stages": stages})
+    first = run_pipeline(cfg)
+    n_old = first["ingest"].manifest["result"]["n_kept"]
+    assert first["sketch"].manifest["result"]["n_computed"] == n_old
+    old_uids, old_sketches = read_sketches(str(tmp_path / "run" / "sketch" / "sketches"))
+
+    n_new = round(0.1 * n_old)
+    rows = [{"instruction": f"Name a prime number larger than {1000 + 7 * i}.", "output": f"{1009 + 7 * i} is one to check."}
+            for i in range(n_new)]
+    (corpus / "grown.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    second = run_pipeline(cfg)
+    assert not second["ingest"].skipped and second["models"].skipped
+    assert second["ingest"].manifest["result"]["n_kept"] == n_old + n_new
+    sketch = second["sketch"].manifest["result"]
+    assert (sketch["n_computed"], sketch["n_cached"], sketch["n_sketches"]) == (n_new, n_old, n_old + n_new)
+    assert second["select"].manifest["result"]["n_candidates"] == n_old + n_new
+    uids, sketches = read_sketches(str(tmp_path / "run" / "sketch" / "sketches"))
+    keep = np.isin(uids, old_uids)
+    assert np.array_equal(uids[keep], old_uids) and np.array_equal(sketches[keep], old_sketches)  # reused as is
+
+    # the same grown corpus from scratch (its own cache): the same sketches and the same selection
+    fresh_cfg = small_config(tmp_path / "fresh", **{"corpus.paths": f"[{corpus}]", "run.stages": stages})
+    fresh = run_pipeline(fresh_cfg)
+    assert fresh["sketch"].manifest["result"]["n_computed"] == n_old + n_new
+    fresh_uids, fresh_sketches = read_sketches(str(tmp_path / "fresh" / "sketch" / "sketches"))
+    assert np.array_equal(fresh_uids, uids) and np.array_equal(fresh_sketches, sketches)
+    got = pq.read_table(tmp_path / "run" / "select" / "selection.parquet")
+    want = pq.read_table(tmp_path / "fresh" / "select" / "selection.parquet")
+    assert got.column("uid").to_pylist() == want.column("uid").to_pylist()
+    assert [r["sketched"] for r in list_runs(tmp_path / "run")] == [n_old, n_new]

@@ -65,6 +65,7 @@ from spice_ray.config import CorpusConfig
 from spice_ray.corpus.demo import write_demo_corpus
 from spice_ray.corpus.formats import RowError, canonical_json, normalize_row
 from spice_ray.corpus.tokenize import EncodeError, count_text_tokens, render_text
+from spice_ray.storage import ensure_local, is_remote
 
 logger = logging.getLogger(__name__)
 
@@ -447,8 +448,9 @@ class _Ingest:
         info.quarantined += 1
         self.reasons[reason] += 1
 
-    def read(self, path: Path) -> None:
-        info = _FileInfo(path=_utf8_safe(str(path)), bytes=path.stat().st_size)
+    def read(self, path: Path, name: str | None = None) -> None:
+        """Read one local file; ``name`` (default: the path) is what manifests and quarantine show."""
+        info = _FileInfo(path=_utf8_safe(name or str(path)), bytes=path.stat().st_size)
         self.files.append(info)
         index = len(self.files) - 1
         stem = _utf8_safe(path.stem)
@@ -513,6 +515,16 @@ class _Ingest:
         self.pending = []
 
 
+def _display_name(path: Path, local_of: dict[str, Path]) -> str:
+    """``path``'s name in the results: the URI it was downloaded from, else the path itself."""
+    for uri, local in local_of.items():
+        if path == local:
+            return uri
+        if path.is_relative_to(local):
+            return f"{uri.rstrip('/')}/{path.relative_to(local).as_posix()}"
+    return str(path)
+
+
 def ingest(
     cfg: CorpusConfig, tokenizer: Any, out_dir: str | Path, *, inputs: list[str] | None = None
 ) -> IngestResult:
@@ -524,7 +536,11 @@ def ingest(
     paths: list[str | Path] = list(inputs or cfg.paths)
     if not paths:
         paths = list(write_demo_corpus(out / "demo_corpus", n=cfg.demo_size, seed=cfg.demo_seed))
-    files = collect_files(paths)
+    # Object-store inputs are downloaded once per content into the local cache (ensure_local);
+    # manifests and quarantine records name them by their URI.
+    local_of = {str(p): Path(ensure_local(str(p))) for p in paths if is_remote(str(p))}
+    files = collect_files([local_of.get(str(p), p) for p in paths])
+    names = {f: _display_name(f, local_of) for f in files}
     if not files:
         logger.warning("no corpus files found in %s", ", ".join(map(str, paths)))
     records = _AtomicParquet(out / RECORDS_FILE, RECORDS_SCHEMA)
@@ -532,7 +548,7 @@ def ingest(
     run = _Ingest(cfg, tokenizer, records, quarantine)
     try:
         for path in files:
-            run.read(path)
+            run.read(path, names[path])
             logger.debug("read %s: %d rows", path, run.files[-1].rows)
         run.flush()
         records.commit()

@@ -1,4 +1,7 @@
-"""Load a causal LM and its tokenizer from a local directory or a hub id; attach LoRA.
+"""Load a causal LM and its tokenizer from a local directory, an object-store URI or a hub id; attach LoRA.
+
+An ``s3://`` / ``gs://`` model directory is downloaded once per node into a local cache
+(:func:`spice_ray.storage.ensure_local`); every loader here goes through it.
 
 Weights load through safetensors (``use_safetensors=True``); ``trust_remote_code`` is passed only
 as the config says (default off).
@@ -13,11 +16,13 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from spice_ray.storage import ensure_local
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_tokenizer(path_or_id: str, *, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    tok = AutoTokenizer.from_pretrained(path_or_id, trust_remote_code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(ensure_local(path_or_id), trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -27,7 +32,7 @@ def load_causal_lm(
     path_or_id: str, *, trust_remote_code: bool = False, dtype: str = "float32"
 ) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(
-        path_or_id,
+        ensure_local(path_or_id),
         dtype=_DTYPES[dtype],
         trust_remote_code=trust_remote_code,
         use_safetensors=True,
@@ -55,8 +60,9 @@ def add_lora(
 
 
 def model_fingerprint(path_or_id: str) -> str:
-    """sha256 over a local model directory's config and weight files; the id itself for a hub id."""
-    path = Path(path_or_id)
+    """sha256 over a model directory's config and weight files (local, or a remote one's cached
+    copy); the id itself for a hub id."""
+    path = Path(ensure_local(path_or_id))
     h = hashlib.sha256()
     if not path.is_dir():
         h.update(path_or_id.encode())

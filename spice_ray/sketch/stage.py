@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 import uuid
 from pathlib import Path
@@ -45,7 +44,7 @@ from ray.data import ActorPoolStrategy
 
 from spice_ray.config import Config
 from spice_ray.sketch.projection import ProjectionSpec, stable_seed
-from spice_ray.storage import is_remote, resolve_filesystem
+from spice_ray.storage import Store, ensure_local, is_remote, move_dir, resolve_filesystem
 from spice_ray.sketch.worker import SketchWorker, layer_shapes, sketch_schema
 
 logger = logging.getLogger(__name__)
@@ -134,15 +133,13 @@ def spec_hash(spec: dict[str, Any]) -> str:
 
 
 def run_warmup(cfg: Config, *, records_path: str, model_path: str, tokenizer_path: str, out_dir: str) -> dict[str, Any]:
-    """Fine-tune the proxy's LoRA on a seeded random slice of the records; returns the checkpoint path
-    and counts. Reuses a finished warm-up of the same inputs under ``<out_dir>/warmup``."""
+    """Fine-tune the proxy's LoRA on a seeded random slice of the records; returns the checkpoint URI
+    and counts. Reuses a finished warm-up of the same inputs under ``<out_dir>/warmup`` (a local
+    directory or an object-store URI)."""
     from spice_ray.train import run_train_stage
 
     s = cfg.sketch
-    if is_remote(out_dir):
-        raise ValueError("sketch.warmup_fraction needs a local (or mounted) run root; on object storage, warm up "
-                         "separately and point sketch.optimizer_state at a local copy of the checkpoint")
-    wdir = Path(out_dir) / "warmup"
+    store = Store(out_dir)
     uids = sorted(_record_uids(records_path))
     n = min(len(uids), max(cfg.train.num_workers, round(s.warmup_fraction * len(uids))))
     rng = np.random.default_rng(stable_seed(s.seed, "warmup"))
@@ -159,18 +156,20 @@ def run_warmup(cfg: Config, *, records_path: str, model_path: str, tokenizer_pat
             sort_keys=True,
         ).encode()
     ).hexdigest()
-    done = wdir / "_DONE"
-    if done.exists() and done.read_text().strip() == key:
-        logger.info("warm-up: reusing %s", wdir)
-        return json.loads((wdir / "warmup.json").read_text())
-    shutil.rmtree(wdir, ignore_errors=True)
-    wdir.mkdir(parents=True)
-    selection = wdir / "selection.parquet"
-    pq.write_table(pa.table({"uid": pa.array(picked, pa.string()), "rank": pa.array(range(n), pa.int64())}), selection)
+    if store.exists("warmup/_DONE") and store.read_text("warmup/_DONE").strip() == key:
+        logger.info("warm-up: reusing %s", store.uri("warmup"))
+        return json.loads(store.read_text("warmup/warmup.json"))
+    store.delete("warmup")
+    selection = store.uri("warmup/selection.parquet")
+    store.fs.create_dir(store.path("warmup"), recursive=True)
+    pq.write_table(
+        pa.table({"uid": pa.array(picked, pa.string()), "rank": pa.array(range(n), pa.int64())}),
+        store.path("warmup/selection.parquet"), filesystem=store.fs,
+    )
     t0 = time.time()
     summary = run_train_stage(
-        wcfg, records_path=records_path, selection_path=str(selection), model_path=model_path,
-        out_dir=str(wdir / "train"), max_tokens=cfg.corpus.max_tokens, tokenizer_path=tokenizer_path,
+        wcfg, records_path=records_path, selection_path=selection, model_path=model_path,
+        out_dir=store.uri("warmup/train"), max_tokens=cfg.corpus.max_tokens, tokenizer_path=tokenizer_path,
     )
     if not summary.get("checkpoint"):
         raise RuntimeError("the warm-up wrote no checkpoint")
@@ -179,11 +178,11 @@ def run_warmup(cfg: Config, *, records_path: str, model_path: str, tokenizer_pat
         "n_records": n,
         "steps": summary["steps"],
         "loss": summary["loss"],
-        "selection": str(selection),
+        "selection": selection,
         "seconds": round(time.time() - t0, 3),
     }
-    (wdir / "warmup.json").write_text(json.dumps(result, indent=2))
-    done.write_text(key + "\n")
+    store.write_text("warmup/warmup.json", json.dumps(result, indent=2))
+    store.write_text("warmup/_DONE", key + "\n")
     return result
 
 
@@ -255,7 +254,8 @@ def run_sketch_stage(
         state_path = warmup["checkpoint"]
         result["warmup"] = warmup
     spec, projection = sketch_spec(
-        cfg, model_path=model_path, tokenizer_path=tokenizer_path, model_fingerprint=model_fingerprint, state_path=state_path
+        cfg, model_path=model_path, tokenizer_path=tokenizer_path, model_fingerprint=model_fingerprint,
+        state_path=ensure_local(state_path) if state_path else None,
     )
     key = spec_hash(spec)
 
@@ -333,7 +333,7 @@ def run_sketch_stage(
     # publish whole: a reader never sees a half-written sketches/ directory (on object stores the
     # move is a copy, and the stage's completion marker is what readers wait for)
     _delete_dir(final)
-    fs.move(tmp_path, resolve_filesystem(final)[1])
+    move_dir(fs, tmp_path, resolve_filesystem(final)[1])
     files = _parquet_files(final)
     n_sketches = pads.dataset(files, format="parquet", filesystem=fs).count_rows() if files else 0
     if n_sketches != n_records:

@@ -26,6 +26,7 @@ from spice_ray.corpus.tokenize import Encoded, encode_batch, pad_batch
 from spice_ray.models import add_lora, load_causal_lm, load_tokenizer
 from spice_ray.sketch.checkpoint import apply_weights, load_training_state
 from spice_ray.sketch.gradients import GradientSketcher, trainable_linears
+from spice_ray.storage import ensure_local
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def layer_shapes(model_path: str, model_cfg: ModelConfig, sketch_cfg: SketchConf
     built on the meta device, so a driver learns the projection spec without loading any weight."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=model_cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(ensure_local(model_path), trust_remote_code=model_cfg.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
         model = prepare_parameters(model, model_cfg, sketch_cfg)
@@ -133,7 +134,7 @@ def build_sketcher(
     model = build_model(model_path, model_cfg, sketch_cfg, device)
     adam = None
     if state_path is not None:
-        state = load_training_state(state_path, model)
+        state = load_training_state(ensure_local(state_path), model)
         n = apply_weights(model, state)
         logger.info("loaded %s checkpoint %s (step %d, %d weight tensors)", state.format, state.path, state.step, n)
         if sketch_cfg.gradient == "adam":

