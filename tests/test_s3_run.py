@@ -2,8 +2,9 @@
 
 The head gets the S3 credentials in its environment, as a pod would from a Secret; the driver is
 `spice-ray run` with `run.root=s3://…` and the corpus in the bucket too. The run stops after
-select, resumes to the end (finished stages skipped), and a third run finds everything done. Every
-artifact a manifest lists is then read back from the bucket and checked against its sha256.
+select; a fresh head with an empty node cache (a KubeRay retry) resumes it to the end (finished
+stages skipped), and a third run finds everything done. Every artifact a manifest lists is then
+read back from the bucket and checked against its sha256.
 """
 
 from __future__ import annotations
@@ -103,12 +104,14 @@ def test_smoke_run_on_s3_resumes_and_keeps_every_artifact(s3_env, tmp_path, monk
         f"run.root={root}", f"corpus.paths=[s3://{BUCKET}/corpus]", "train.max_steps=2",
         f"sketch.cache_dir=s3://{BUCKET}/cache/sketches",
     ]
+    args = [arg for s in sets for arg in ("--set", s)]
     with ray_head(env_s3) as (_, gcs):
-        env = {**os.environ, **env_s3, "RAY_ADDRESS": gcs, "SPICE_CACHE": str(tmp_path / "spice-cache")}
-        args = [arg for s in sets for arg in ("--set", s)]
-
+        env = {**os.environ, **env_s3, "RAY_ADDRESS": gcs, "SPICE_CACHE": str(tmp_path / "node-a")}
         first = spice_ray_run([*args, "--set", "run.stages=[ingest,sketch,select]"], env)
         assert "select: done" in first, first[-3000:]
+    # A KubeRay retry: a fresh cluster (new head, empty node cache) reruns from the top.
+    with ray_head(env_s3) as (_, gcs):
+        env = {**os.environ, **env_s3, "RAY_ADDRESS": gcs, "SPICE_CACHE": str(tmp_path / "node-b")}
         second = spice_ray_run(args, env)
         for stage in ("models", "ingest", "sketch", "select"):
             assert f"{stage}: finished earlier, skipped" in second, second[-3000:]
