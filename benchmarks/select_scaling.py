@@ -9,7 +9,9 @@ Prints, in one run:
    ``LogDeterminantFunction`` + ``NaiveGreedy`` (dense kernel ``α G Gᵀ``, ``lambdaVal = 1``, the same
    objective) at ``--sub-n`` × d, budget ``--sub-k``, checking the picks are identical;
 3. ``scaling``: the wall time of SPICE (λ = 0.1, 10% budget, lazy) at each of ``--sizes`` rows, with
-   the eager time for the same run extrapolated from ``--eager-steps`` measured eager steps.
+   the eager time for the same run extrapolated from ``--eager-steps`` measured eager steps;
+4. ``device`` (not in the default parts): the same SPICE runs with the eager engine on
+   ``--device`` (default ``cuda``), picks checked against the numpy lazy engine up to ``--check-n``.
 
 Data: float32 "sketch-like" rows (a shared direction, a decaying spectrum, log-normal norms).
 Usage: ``python benchmarks/select_scaling.py [--sizes 100000,300000,1000000] [--sub-n 10000]
@@ -161,6 +163,30 @@ def bench_scaling(sizes: list[int], d: int, lam: float, eager_steps: int) -> Non
         del G
 
 
+def bench_device(sizes: list[int], d: int, lam: float, device: str, check_n: int) -> None:
+    """The eager engine on a torch device (one fused pass per step there); picks checked against
+    the numpy lazy engine for N <= check_n."""
+    import torch
+
+    for n in sizes:
+        G = sketch_like(n, d, seed=3)
+        k = n // 10
+        select(G[:1000], 10, lam=lam, lazy=False, device=device, diagnostics=False)  # CUDA context, kernels
+        torch.cuda.synchronize() if device.startswith("cuda") else None
+        t = time.perf_counter()
+        sel = select(G, k, lam=lam, lazy=False, device=device, diagnostics=False)
+        wall = time.perf_counter() - t
+        line = (f"[{device}] N={n:,} d={d} k={k:,} lambda={lam}: eager wall {wall:.1f} s "
+                f"({wall / k * 1e3:.2f} ms/step), logdet {sel.logdet:.1f}")
+        if n <= check_n:
+            t = time.perf_counter()
+            ref = select(G, k, lam=lam, lazy=True, diagnostics=False)
+            line += (f"; numpy lazy {time.perf_counter() - t:.1f} s, identical picks: "
+                     f"{ref.indices.tolist() == sel.indices.tolist()}")
+        print(line + f"  ({load()})", flush=True)
+        del G
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--d", type=int, default=256)
@@ -171,7 +197,9 @@ def main() -> None:
     ap.add_argument("--skip-submodlib", action="store_true", help="time only our side of the comparison")
     ap.add_argument("--sizes", default="100000,300000", help="comma-separated N for the scaling runs")
     ap.add_argument("--lam", type=float, default=0.1)
-    ap.add_argument("--parts", default="eager,submodlib,scaling")
+    ap.add_argument("--parts", default="eager,submodlib,scaling", help="also: device (the eager engine on --device)")
+    ap.add_argument("--device", default="cuda", help="torch device of the `device` part")
+    ap.add_argument("--check-n", type=int, default=100_000, help="device part: compare picks with numpy up to this N")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     print(f"# select_scaling: python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()}, {load()}", flush=True)
@@ -181,6 +209,8 @@ def main() -> None:
         bench_submodlib(args.sub_n, args.d, args.sub_k, args.skip_submodlib)
     if "scaling" in parts:
         bench_scaling([int(x) for x in args.sizes.split(",") if x], args.d, args.lam, args.eager_steps)
+    if "device" in parts:
+        bench_device([int(x) for x in args.sizes.split(",") if x], args.d, args.lam, args.device, args.check_n)
 
 
 if __name__ == "__main__":

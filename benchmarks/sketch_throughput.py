@@ -3,6 +3,7 @@ reference, and against a plain training step, on the same model, data and d, in 
 
     .venv/bin/python benchmarks/sketch_throughput.py            # defaults below
     .venv/bin/python benchmarks/sketch_throughput.py --n 64 --rounds 1 --dim 4096 --no-bergson
+    python benchmarks/sketch_throughput.py --device cuda --no-bergson      # on a GPU
 
 Model: a Llama built from a LlamaConfig (hidden 256, 4 layers, 4 heads / 2 KV heads, MLP 688,
 random init, no download), LoRA r=8 on q/k/v/o with B moved off zero (as after a warm-up, so
@@ -104,6 +105,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+DEVICE = torch.device("cpu")  # --device
+
+
 def run_sketch(sketcher, enc, batches, pad_id, mask: bool, width_of=None):
     d = sketcher.projection.dim
     out = torch.zeros(len(enc), d)
@@ -111,6 +115,7 @@ def run_sketch(sketcher, enc, batches, pad_id, mask: bool, width_of=None):
     t0 = time.perf_counter()
     for idx in batches:
         t = pad_batch([enc[i] for i in idx], pad_id, **({"width": width_of(idx)} if width_of else {}))
+        t = {k: v.to(DEVICE) for k, v in t.items()}
         res = sketcher(t["input_ids"], t["labels"], t["attention_mask"] if mask else None)
         out[idx] = res.sketch.cpu()
     sync()
@@ -122,7 +127,7 @@ def run_train_step(model, enc, batches, pad_id, mask: bool) -> float:
     sync()
     t0 = time.perf_counter()
     for idx in batches:
-        t = pad_batch([enc[i] for i in idx], pad_id)
+        t = {k: v.to(DEVICE) for k, v in pad_batch([enc[i] for i in idx], pad_id).items()}
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"] if mask else None, labels=t["labels"]).loss
         loss.backward()
@@ -138,14 +143,14 @@ def run_less(model, names, params, dense, enc, project: bool = True):
     sync()
     t0 = time.perf_counter()
     for i, e in enumerate(enc):
-        ids = torch.tensor([e.input_ids])
-        labels = torch.tensor([e.labels])
+        ids = torch.tensor([e.input_ids], device=DEVICE)
+        labels = torch.tensor([e.labels], device=DEVICE)
         model.zero_grad(set_to_none=True)
         loss, _ = per_sample_loss(model(input_ids=ids).logits, labels)
         loss.sum().backward()
         flat = torch.cat([params[n].grad.reshape(-1) for n in names])
         if project:
-            out[i] = dense @ flat
+            out[i] = (dense @ flat).cpu()
     model.zero_grad(set_to_none=True)
     sync()
     return out, time.perf_counter() - t0
@@ -199,11 +204,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-bergson", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the model, batches and dense P go there)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     model, tokenizer, enc, source = build(args)
+    model.to(DEVICE)
     pad_id = tokenizer.pad_token_id
     lengths = [e.n_tokens for e in enc]
     budget = token_budget_batches(lengths, args.budget)
@@ -218,13 +227,14 @@ def main() -> None:
     params = {n: sketchers["auto"].layers[n].weight for n in names}
     D = sum(params[n].numel() for n in names)
     t0 = time.perf_counter()
-    dense = torch.cat([sketchers["auto"].projection.dense(n) for n in names], dim=1)
+    dense = torch.cat([sketchers["auto"].projection.dense(n) for n in names], dim=1).to(DEVICE)
     dense_s = time.perf_counter() - t0
     n_tok = sum(lengths)
     print(f"data: {len(enc)} records from {source}; tokens {n_tok} (mean {n_tok / len(enc):.0f}, max {max(lengths)})")
     print(f"model: Llama hidden {args.hidden}, {args.layers} layers, vocab {len(tokenizer)}, LoRA r={args.rank} on q/k/v/o: "
           f"{len(names)} LoRA factors, D = {D} params; d = {args.dim}; dense P {dense.numel() * 4 / 2**30:.2f} GiB "
-          f"(built in {dense_s:.1f} s, not timed); torch threads {torch.get_num_threads()}")
+          f"(built in {dense_s:.1f} s, not timed); torch threads {torch.get_num_threads()}; device {DEVICE}"
+          + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else ""))
     print(f"padding: token budget {args.budget} → {len(budget)} sub-batches, {padding_fraction(lengths, budget):.1%} padding; "
           f"unsorted batches of 8 → {padding_fraction(lengths, fixed8):.1%} padding; one bucket width per sub-batch "
           f"(SketchWorker) → {len(same_width)} sub-batches")
@@ -298,7 +308,7 @@ def main() -> None:
     print(f"\nsketch/auto vs LESS-style reference: {speedup:.1f}x wall, "
           f"{cpu['less (b=1, dense P)'] / cpu['sketch/auto']:.1f}x cpu (goal ≥ 20x); "
           f"sketch/auto vs plain fwd+bwd: {overhead:.2f}x wall, {cpu['sketch/auto'] / cpu['train fwd+bwd']:.2f}x cpu (goal ≤ 2x)")
-    print(json.dumps({"n": len(enc), "d": args.dim, "D": D, "tokens": n_tok, "threads": torch.get_num_threads(),
+    print(json.dumps({"device": str(DEVICE), "hidden": args.hidden, "layers": args.layers, "n": len(enc), "d": args.dim, "D": D, "tokens": n_tok, "threads": torch.get_num_threads(),
                       "seconds": {k: round(v, 3) for k, v in best.items()},
                       "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()}, "speedup_vs_less": round(speedup, 2),
                       "sketch_over_train": round(overhead, 3), "errors": errors}))

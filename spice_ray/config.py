@@ -93,6 +93,12 @@ class SketchConfig(_Section):
     max_tokens_per_batch: int | None = Field(
         4096, gt=0, description="Token budget (rows × longest row) of one forward/backward; None: batch_size rows."
     )
+    padding: Literal["record", "batch"] = Field(
+        "record",
+        description="record: each record padded to its own width (a multiple of 8), so its sketch is bit for bit "
+        "the same in any batch (CPU); batch: to its sub-batch's longest record, fewer and fuller sub-batches "
+        "(2.8× faster on an H200; sketches agree to ~1e-6). GPU jobs use batch.",
+    )
     cache_dir: str | None = Field(
         None,
         description="Sketch cache (parquet parts keyed by model, projection and loss spec); None: <run root>/cache/sketches.",

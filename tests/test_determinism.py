@@ -53,11 +53,33 @@ def test_a_records_sketch_does_not_depend_on_its_batch_mates(tiny_model_dir):
 
         n = table.num_rows
         ref = sketch([list(range(n))])
+        record_sub_batches = worker.stats["sub_batches"]
         perm = np.random.default_rng(0).permutation(n).tolist()
         for size in (1, 3, 7):
             got = sketch([perm[i : i + size] for i in range(0, n, size)])
             differ = [u for u in ref if not np.array_equal(ref[u], got[u])]
             assert not differ, f"batches of {size}: {len(differ)} of {n} sketches differ"
+
+        # sketch.padding=batch (the GPU setting): pads to each sub-batch's longest record instead,
+        # in fewer sub-batches; the same sketches up to float rounding
+        worker = SketchWorker(
+            model_path=str(tiny_model_dir), tokenizer_path=str(tiny_model_dir), model_cfg=ModelConfig().model_dump(),
+            sketch_cfg=SketchConfig(dim=64, padding="batch").model_dump(), max_tokens=1024,
+        )
+        got = sketch([list(range(n))])
+        assert worker.stats["sub_batches"] < record_sub_batches
+        for u in ref:
+            np.testing.assert_allclose(got[u], ref[u], rtol=1e-4, atol=1e-6 * np.abs(ref[u]).max())
+        # ... which the sketch cache keeps apart
+        from spice_ray.config import load_config
+        from spice_ray.sketch.stage import sketch_spec, spec_hash
+
+        def key(padding: str) -> str:
+            cfg = load_config(None, ["sketch.dim=64", f"sketch.padding={padding}"])
+            path = str(tiny_model_dir)
+            return spec_hash(sketch_spec(cfg, model_path=path, tokenizer_path=path, model_fingerprint="m", state_path=None)[0])
+
+        assert key("record") != key("batch")
     finally:
         torch.set_num_threads(threads)
 

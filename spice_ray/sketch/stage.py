@@ -124,6 +124,8 @@ def sketch_spec(
         "projection": projection.to_dict(),
         "loss": {"tokens": s.loss, "max_tokens": cfg.corpus.max_tokens, "gradient": s.gradient},
         "dtype": s.dtype,
+        # batch padding changes the last bits of a sketch; record padding keeps the earlier spec hashes
+        **({"padding": s.padding} if s.padding != "record" else {}),
     }
     return spec, projection
 

@@ -218,12 +218,21 @@ class SketchWorker:
         )
 
     def _sketch(self, encoded: list[Encoded], exact: bool = False):
-        """Yield (indices, SketchBatch) per token-budget sub-batch."""
+        """Yield (indices, SketchBatch) per token-budget sub-batch.
+
+        ``sketch.padding``: ``record`` pads every record to its own width, whatever its batch mates
+        (see :func:`padded_width`), so one sub-batch holds one width; ``batch`` packs by length and
+        pads to each sub-batch's longest record."""
         lengths = [e.n_tokens for e in encoded]
-        widths = [padded_width(n) for n in lengths]  # batch-independent padding: see padded_width
-        for idx in token_budget_batches(widths, self.sketch_cfg.max_tokens_per_batch, same_length=True):
+        budget = self.sketch_cfg.max_tokens_per_batch
+        if self.sketch_cfg.padding == "record":
+            widths = [padded_width(n) for n in lengths]
+            batches = [(idx, widths[idx[0]]) for idx in token_budget_batches(widths, budget, same_length=True)]
+        else:
+            batches = [(idx, None) for idx in token_budget_batches(lengths, budget)]
+        for idx, width in batches:
             t0 = time.perf_counter()
-            padded = pad_batch([encoded[i] for i in idx], self.tokenizer.pad_token_id, width=widths[idx[0]])
+            padded = pad_batch([encoded[i] for i in idx], self.tokenizer.pad_token_id, width=width)
             # right padding + a causal LM: no attention mask needed (see gradients.py)
             out = self.sketcher(padded["input_ids"].to(self.device), padded["labels"].to(self.device), exact=exact)
             self.stats["records"] += len(idx)
