@@ -78,18 +78,29 @@ class Store:
         with self.fs.open_input_stream(self.path(rel)) as fh:
             return fh.read().decode()
 
-    def write_text(self, rel: str, text: str) -> None:
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write one file atomically: locally under a temporary name, fsynced, then renamed; on an
+        object store one PUT (atomic by itself)."""
         target = self.path(rel)
         parent = target.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
-        if self.is_local:
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
-            with os.fdopen(fd, "w") as fh:
-                fh.write(text)
-            os.replace(tmp, target)
-        else:
+        if not self.is_local:
             with self.fs.open_output_stream(target) as fh:
-                fh.write(text.encode())
+                fh.write(data)
+            return
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
 
     def copy(self, src_rel: str, dst_rel: str) -> None:
         """Copy one file under the root."""

@@ -225,7 +225,7 @@ def test_driver_killed_between_stages_and_inside_select(ray_session, tmp_path):
     """SIGKILL ``spice-ray run`` right after sketch/_SUCCESS appears, rerun and SIGKILL it once the
     selection has checkpointed, then rerun to the end: no finished stage is redone, the selection
     resumes from its checkpoint, and the picks equal an uninterrupted selection's."""
-    from spice_ray.select.actor import select_to_dir
+    from spice_ray.select.job import select_to_dir
 
     root, cache, corpus = tmp_path / "run", tmp_path / "cache", tmp_path / "corpus.jsonl"
     _synthetic_corpus(corpus, 4000)

@@ -359,7 +359,7 @@ def test_less_top_k_cosine_to_target_mean() -> None:
 def test_every_method_from_config(tmp_path) -> None:
     """The SelectConfig fields reach the engine: select_to_dir (what the actor runs) equals select()."""
     from spice_ray.config import SelectConfig
-    from spice_ray.select.actor import select_to_dir
+    from spice_ray.select.job import select_to_dir
 
     G = sketch_like(13, n=90, d=6)
     uids = [f"u{i:03d}" for i in range(90)]

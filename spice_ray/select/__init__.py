@@ -1,6 +1,7 @@
 """Selection over gradient sketches (DESIGN §3): ``select`` is the one library entry point.
 
-No Ray import here; the Ray shells live in :mod:`spice_ray.select.actor` (``SelectorActor``,
+No Ray import here, nor in :mod:`spice_ray.select.job` (``select_to_dir``: read the sketches,
+select, write the artifacts); the Ray shells live in :mod:`spice_ray.select.actor` (``SelectorActor``,
 ``run_select_stage``) and :mod:`spice_ray.select.sharded` (``ShardActor``, ``select_sharded``),
 imported lazily by whoever needs them.
 """

@@ -44,17 +44,11 @@ class CheckpointMismatch(ValueError):
 
 
 @dataclass
-class TrainingState:
-    """Per-parameter Adam moments (keyed by parameter name) and, when the checkpoint has them, weights."""
+class TrainingState(AdamMoments):
+    """A checkpoint's Adam moments, keyed by *parameter* name here, and, when it has them, weights."""
 
     path: str
     format: str  # "torch" | "deepspeed"
-    step: int
-    beta1: float
-    beta2: float
-    eps: float
-    exp_avg: dict[str, torch.Tensor]
-    exp_avg_sq: dict[str, torch.Tensor]
     weights: dict[str, torch.Tensor] | None  # trainable parameter name -> tensor; None: keep the model's
 
     def moments_for(self, layers: dict[str, nn.Linear]) -> AdamMoments:
@@ -188,7 +182,7 @@ def _from_deepspeed(tag_dir: Path, model: nn.Module) -> TrainingState:
         b1, b2, eps = _group_hparams(base[0]["param_groups"][0])
     if weights:
         _check(str(tag_dir), model, weights, "weights")
-    return TrainingState(str(tag_dir), "deepspeed", step, b1, b2, eps, exp_avg, exp_avg_sq, weights or None)
+    return TrainingState(step, b1, b2, eps, exp_avg, exp_avg_sq, path=str(tag_dir), format="deepspeed", weights=weights or None)
 
 
 def _adapter_weights(root: Path, model: nn.Module) -> dict[str, torch.Tensor] | None:
@@ -224,13 +218,14 @@ def load_training_state(path: str | Path, model: nn.Module) -> TrainingState:
         raise FileNotFoundError(f"optimizer state not found: {path}")
     if root.is_file():
         exp_avg, exp_avg_sq, step, (b1, b2, eps) = _from_torch_state(str(root), _load(root), model)
-        return TrainingState(str(root), "torch", step, b1, b2, eps, exp_avg, exp_avg_sq, None)
+        return TrainingState(step, b1, b2, eps, exp_avg, exp_avg_sq, path=str(root), format="torch", weights=None)
     tag_dir = _deepspeed_tag_dir(root)
     if tag_dir is not None:
         return _from_deepspeed(tag_dir, model)
     if (root / "optimizer.pt").exists():
         exp_avg, exp_avg_sq, step, (b1, b2, eps) = _from_torch_state(str(root / "optimizer.pt"), _load(root / "optimizer.pt"), model)
-        return TrainingState(str(root), "torch", step, b1, b2, eps, exp_avg, exp_avg_sq, _adapter_weights(root, model))
+        weights = _adapter_weights(root, model)
+        return TrainingState(step, b1, b2, eps, exp_avg, exp_avg_sq, path=str(root), format="torch", weights=weights)
     raise CheckpointMismatch(
         f"no optimizer state found at {path}: expected optimizer.pt (Hugging Face / torch) or a DeepSpeed checkpoint "
         "(latest, mp_rank_00_model_states.pt + *_optim_states.pt, or the train stage's train_state.json)"
