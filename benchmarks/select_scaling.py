@@ -172,7 +172,8 @@ def bench_device(sizes: list[int], d: int, lam: float, device: str, check_n: int
         G = sketch_like(n, d, seed=3)
         k = n // 10
         select(G[:1000], 10, lam=lam, lazy=False, device=device, diagnostics=False)  # CUDA context, kernels
-        torch.cuda.synchronize() if device.startswith("cuda") else None
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         t = time.perf_counter()
         sel = select(G, k, lam=lam, lazy=False, device=device, diagnostics=False)
         wall = time.perf_counter() - t
