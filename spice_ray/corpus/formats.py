@@ -16,6 +16,9 @@ Accepted input formats (``fmt="auto"`` detects per row, in this order of precede
   instruction, or ``instruction + "\\n\\n" + input`` when the input is not blank.
 
 A field whose value is ``None`` counts as absent (Parquet files with a union schema hold nulls).
+A text is empty when nothing in it is visible (:func:`is_blank`): only whitespace, zero-width and
+other format characters (U+200B, U+200C, U+200D, U+2060, U+FEFF, soft hyphen: category Cf), control
+characters (Cc), space separators (Zs/Zl/Zp), variation selectors and the Hangul / braille fillers.
 Every problem raises :class:`RowError` with a short reason code (see ``REASONS``).
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import unicodedata
 from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
@@ -40,12 +44,22 @@ SHAREGPT_ROLES = {
     "system": "system",
 }
 
+ROW_FIELDS = frozenset({"messages", "conversations", "prompt", "response", "instruction", "output"})
+# Characters that show nothing besides the categories below: combining grapheme joiner, Khmer
+# inherent vowels, Hangul fillers, braille blank, variation selectors.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+_INVISIBLE = frozenset(
+    "\u034f\u17b4\u17b5\u115f\u1160\u3164\uffa0\u2800"
+    + "".join(map(chr, range(0xFE00, 0xFE10)))
+    + "".join(map(chr, range(0xE0100, 0xE01F0)))
+)
+
 REASONS = {
     "not_object": "the row is not a JSON object",
     "missing_field": "a required field is absent (or null)",
     "wrong_type": "a field has the wrong type (e.g. non-string content, messages not a list)",
-    "empty_instruction": "the instruction / prompt / a user turn is empty or whitespace only",
-    "empty_response": "the output / response / an assistant turn is empty or whitespace only",
+    "empty_instruction": "the instruction / prompt / a user turn is empty, whitespace or invisible characters only",
+    "empty_response": "the output / response / an assistant turn is empty, whitespace or invisible characters only",
     "empty_chat": "messages / conversations is an empty list",
     "unknown_role": "a chat turn has a role outside system/user/assistant (or the ShareGPT aliases)",
     "bad_turn_order": "system not first, or user/assistant turns not alternating from user",
@@ -63,6 +77,12 @@ class RowError(ValueError):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` shows nothing: empty, whitespace, or only invisible characters (see the
+    module doc). Stops at the first visible character."""
+    return all(c in _INVISIBLE or unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in text.strip())
 
 
 def _present(row: dict, key: str) -> bool:
@@ -107,13 +127,13 @@ def _system(row: dict) -> list[dict[str, str]]:
     if not _present(row, "system"):
         return []
     text = _check_text(row["system"], "system")
-    return [{"role": "system", "content": text}] if text.strip() else []
+    return [] if is_blank(text) else [{"role": "system", "content": text}]
 
 
 def _two_turn(system: list[dict[str, str]], user: str, assistant: str, user_key: str, out_key: str):
-    if not user.strip():
+    if is_blank(user):
         raise RowError("empty_instruction", f"{user_key} is empty")
-    if not assistant.strip():
+    if is_blank(assistant):
         raise RowError("empty_response", f"{out_key} is empty")
     return system + [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
 
@@ -122,8 +142,8 @@ def _from_alpaca(row: dict) -> list[dict[str, str]]:
     instruction = _required(row, "instruction")
     output = _required(row, "output")
     extra = _check_text(row["input"], "input") if _present(row, "input") else ""
-    user = instruction + "\n\n" + extra if extra.strip() else instruction
-    if not instruction.strip():
+    user = instruction if is_blank(extra) else instruction + "\n\n" + extra
+    if is_blank(instruction):
         raise RowError("empty_instruction", "instruction is empty")
     return _two_turn(_system(row), user, output, "instruction", "output")
 
@@ -164,9 +184,9 @@ def validate_chat(turns: list[dict[str, str]], key: str = "messages") -> list[di
         if role == "system":
             if i != 0:
                 raise RowError("bad_turn_order", f"{key}[{i}] is a system turn after the first turn")
-            if not content.strip():
+            if is_blank(content):
                 continue
-        elif not content.strip():
+        elif is_blank(content):
             reason = "empty_instruction" if role == "user" else "empty_response"
             raise RowError(reason, f"{key}[{i}] ({role}) is empty")
         out.append({"role": role, "content": content})
