@@ -10,18 +10,29 @@ Prints, in one run:
    objective) at ``--sub-n`` × d, budget ``--sub-k``, checking the picks are identical;
 3. ``scaling``: the wall time of SPICE (λ = 0.1, 10% budget, lazy) at each of ``--sizes`` rows, with
    the eager time for the same run extrapolated from ``--eager-steps`` measured eager steps;
-4. ``device`` (not in the default parts): the same SPICE runs with the eager engine on
-   ``--device`` (default ``cuda``), picks checked against the numpy lazy engine up to ``--check-n``.
+4. ``device`` (not in the default parts): the same SPICE runs with the block engine
+   (:mod:`spice_ray.select.device_engine`: whole greedy steps on the device, one host round trip
+   per block) on ``--device`` (default ``cuda``; ``cpu`` = CPU torch), picks checked against the
+   numpy lazy engine up to ``--check-n``;
+5. ``engine`` (not in the default parts): one of them alone (``--engine block|per-step``), for
+   whole-process A/B timing;
+6. ``engines`` (not in the default parts): at ``--engines-n`` × ``--d``, budget ``--engines-k``, the
+   block engine against the per-step torch engine (``EagerTorch``: one host round trip per step)
+   on ``--device``, both with the same picks as the numpy lazy engine (also timed); the per-step
+   engine runs ``--old-steps`` steps (0: all) and its total is extrapolated from them.
 
 Data: float32 "sketch-like" rows (a shared direction, a decaying spectrum, log-normal norms).
 Usage: ``python benchmarks/select_scaling.py [--sizes 100000,300000,1000000] [--sub-n 10000]
-[--sub-k 1000] [--skip-submodlib]``. Timings on a shared machine vary with its load, which is
+[--sub-k 1000] [--skip-submodlib]``; the device engines: ``--parts engines --device cpu
+--engines-n 20000 --engines-k 2000`` (or ``--device cuda``), ``--parts device --device cuda
+--sizes 1000000``. Timings on a shared machine vary with its load, which is
 printed alongside.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -164,8 +175,8 @@ def bench_scaling(sizes: list[int], d: int, lam: float, eager_steps: int) -> Non
 
 
 def bench_device(sizes: list[int], d: int, lam: float, device: str, check_n: int) -> None:
-    """The eager engine on a torch device (one fused pass per step there); picks checked against
-    the numpy lazy engine for N <= check_n."""
+    """The block engine on a torch device (whole steps there, one host round trip per block);
+    picks checked against the numpy lazy engine for N <= check_n."""
     import torch
 
     for n in sizes:
@@ -177,8 +188,10 @@ def bench_device(sizes: list[int], d: int, lam: float, device: str, check_n: int
         t = time.perf_counter()
         sel = select(G, k, lam=lam, lazy=False, device=device, diagnostics=False)
         wall = time.perf_counter() - t
-        line = (f"[{device}] N={n:,} d={d} k={k:,} lambda={lam}: eager wall {wall:.1f} s "
-                f"({wall / k * 1e3:.2f} ms/step), logdet {sel.logdet:.1f}")
+        st = sel.stats
+        line = (f"[{device}] N={n:,} d={d} k={k:,} lambda={lam}: block engine wall {wall:.1f} s "
+                f"({wall / k * 1e3:.2f} ms/step; {st.get('blocks')} blocks, {st.get('rollbacks')} rollbacks, "
+                f"CUDA graph {st.get('cuda_graph')}), logdet {sel.logdet:.1f}")
         if n <= check_n:
             t = time.perf_counter()
             ref = select(G, k, lam=lam, lazy=True, diagnostics=False)
@@ -186,6 +199,81 @@ def bench_device(sizes: list[int], d: int, lam: float, device: str, check_n: int
                      f"{ref.indices.tolist() == sel.indices.tolist()}")
         print(line + f"  ({load()})", flush=True)
         del G
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def per_step_torch(G: np.ndarray, k: int, lam: float, device: str, steps: int) -> tuple[list[int], float]:
+    """The per-step torch engine (``EagerTorch``, decisions on the host every step): its first
+    ``steps`` picks and the seconds they took."""
+    from spice_ray.select import LocalShards
+
+    shard = CandidateShard(G, alpha=1.0, lam=lam, max_updates=k, lazy=False, device=device)
+    group = LocalShards([shard])
+    picks = []
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(steps):
+        w = group.best()
+        group.update(w)
+        picks.append(w.index)
+    _sync(device)
+    return picks, time.perf_counter() - t
+
+
+def bench_engines(n: int, d: int, k: int, lam: float, device: str, old_steps: int, block: int) -> None:
+    """Block engine vs per-step torch engine (and numpy lazy, the picks' reference) on one problem."""
+    import torch
+
+    from spice_ray.select import greedy as greedy_mod
+    from spice_ray.select.device_engine import DeviceGreedy
+
+    G = sketch_like(n, d, seed=4)
+    where = f"{device} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    select(G[:2000], 20, lam=lam, lazy=False, device=device, diagnostics=False)  # warm-up: kernels, context
+    greedy_mod.DeviceGreedy = functools.partial(DeviceGreedy, block=block)
+    _sync(device)
+    t = time.perf_counter()
+    new = select(G, k, lam=lam, lazy=False, device=device, diagnostics=False)
+    _sync(device)
+    t_new = time.perf_counter() - t
+    steps = k if old_steps <= 0 else min(k, old_steps)
+    old_picks, t_old = per_step_torch(G, k, lam, device, steps)
+    t_old_total = t_old / steps * k
+    t = time.perf_counter()
+    ref = select(G, k, lam=lam, lazy=True, device="numpy", diagnostics=False)
+    t_np = time.perf_counter() - t
+    same = new.indices.tolist() == ref.indices.tolist() and old_picks == ref.indices.tolist()[:steps]
+    st = new.stats
+    print(f"[engines] N={n:,} d={d} k={k:,} lambda={lam} on {where}: block engine {t_new:.2f} s "
+          f"({t_new / k * 1e3:.2f} ms/step; block {st['block']}, {st['blocks']} blocks, {st['rollbacks']} rollbacks, "
+          f"CUDA graph {st['cuda_graph']}); per-step EagerTorch {t_old_total:.2f} s "
+          f"({t_old / steps * 1e3:.2f} ms/step over {steps:,} steps{'' if steps == k else ', extrapolated'}) "
+          f"-> block engine {t_old_total / t_new:.2f}x faster; numpy lazy {t_np:.2f} s; "
+          f"identical picks: {same}  ({load()})", flush=True)
+
+
+def bench_one_engine(n: int, d: int, k: int, lam: float, device: str, engine: str, block: int) -> None:
+    """One engine's greedy alone (for whole-process A/B timing of ``block`` vs ``per-step``)."""
+    from spice_ray.select import greedy as greedy_mod
+    from spice_ray.select.device_engine import DeviceGreedy
+
+    G = sketch_like(n, d, seed=4)
+    t = time.perf_counter()
+    if engine == "block":
+        greedy_mod.DeviceGreedy = functools.partial(DeviceGreedy, block=block)
+        picks = select(G, k, lam=lam, lazy=False, device=device, diagnostics=False).indices.tolist()
+    else:
+        picks, _ = per_step_torch(G, k, lam, device, k)
+    _sync(device)
+    wall = time.perf_counter() - t
+    print(f"[engine] {engine} N={n:,} d={d} k={k:,} on {device}: {wall:.2f} s ({wall / k * 1e3:.2f} ms/step), "
+          f"last pick {picks[-1]}  ({load()})", flush=True)
 
 
 def main() -> None:
@@ -198,9 +286,16 @@ def main() -> None:
     ap.add_argument("--skip-submodlib", action="store_true", help="time only our side of the comparison")
     ap.add_argument("--sizes", default="100000,300000", help="comma-separated N for the scaling runs")
     ap.add_argument("--lam", type=float, default=0.1)
-    ap.add_argument("--parts", default="eager,submodlib,scaling", help="also: device (the eager engine on --device)")
+    ap.add_argument("--parts", default="eager,submodlib,scaling",
+                    help="also: device (the block engine on --device), engines (block vs per-step torch engine), "
+                         "engine (one of them alone: --engine)")
     ap.add_argument("--device", default="cuda", help="torch device of the `device` part")
     ap.add_argument("--check-n", type=int, default=100_000, help="device part: compare picks with numpy up to this N")
+    ap.add_argument("--engines-n", type=int, default=20_000, help="engines part: rows")
+    ap.add_argument("--engines-k", type=int, default=2_000, help="engines part: budget")
+    ap.add_argument("--old-steps", type=int, default=0, help="engines part: steps of the per-step engine (0: all)")
+    ap.add_argument("--block", type=int, default=32, help="engines part: steps per host round trip")
+    ap.add_argument("--engine", default="block", choices=["block", "per-step"], help="engine part: which one")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
     print(f"# select_scaling: python {platform.python_version()}, numpy {np.__version__}, {platform.processor() or platform.machine()}, {load()}", flush=True)
@@ -212,6 +307,10 @@ def main() -> None:
         bench_scaling([int(x) for x in args.sizes.split(",") if x], args.d, args.lam, args.eager_steps)
     if "device" in parts:
         bench_device([int(x) for x in args.sizes.split(",") if x], args.d, args.lam, args.device, args.check_n)
+    if "engines" in parts:
+        bench_engines(args.engines_n, args.d, args.engines_k, args.lam, args.device, args.old_steps, args.block)
+    if "engine" in parts:
+        bench_one_engine(args.engines_n, args.d, args.engines_k, args.lam, args.device, args.engine, args.block)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,11 @@ Engines:
 * **eager** — one fused pass per step over the shard's rows: ``R = G [u, g]`` updates every
   candidate's ``q_i = g_iᵀ M⁻¹ g_i`` and its dot with ``s``, then the scores follow. numpy keeps the
   sketches' dtype (float32 BLAS, margins sized for float32) and spreads row blocks over threads;
-  torch (``device="cpu"`` or ``"cuda"``) keeps float64 on the device. Updates that arrive before
-  the next ``best()`` (a resume replaying picks) are applied 64 per read of the rows.
+  torch (``device="cpu"`` or ``"cuda"``) keeps float64 on the device and decides on the host every
+  step (the shards and the windowed schedule use it; :func:`~spice_ray.select.greedy.select` on a
+  torch device runs the block engine of :mod:`spice_ray.select.device_engine` instead, one host
+  round trip per block of steps). Updates that arrive before the next ``best()`` (a resume
+  replaying picks) are applied 64 per read of the rows.
 * **lazy** — Δ_i(S) only shrinks as S grows and ``c_i ≥ 0``, so a stale gain bounds the current
   score from above; a conflict seen at refresh time τ can only have shrunk since by the drift
   ``Σ_{τ≤j<t} ‖ŝ_{j+1} − ŝ_j‖`` of the selected mean's direction, which tightens the bound for rows
@@ -287,11 +290,11 @@ class EagerTorch(_Engine):
         pend, self.pending = self.pending, []
         for a in range(0, len(pend), _REPLAY_BLOCK):
             block = pend[a : a + _REPLAY_BLOCK]
-            W = np.empty((self.G.shape[1], 2 * len(block)), dtype=np.float64)
+            W = np.empty((2 * len(block), self.G.shape[1]), dtype=np.float64)  # transposed: G @ Wᵀ is column-major
             for j, (u, g, _) in enumerate(block):
-                W[:, 2 * j] = u
-                W[:, 2 * j + 1] = g
-            R = self.Gt @ torch.as_tensor(W, device=self.device)
+                W[2 * j] = u
+                W[2 * j + 1] = g
+            R = self.Gt @ torch.as_tensor(W, device=self.device).T
             for j, (_, _, coef) in enumerate(block):
                 self.q.sub_(R[:, 2 * j].square().mul_(coef)).clamp_(min=0.0)
                 self.dot.add_(R[:, 2 * j + 1])
