@@ -21,73 +21,98 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override:
 RootOpt = Annotated[str | None, typer.Option("--root", help="Run root (same as --set run.root=...).")]
 
 
-def _setup_logging() -> None:
+ExecutorOpt = Annotated[str | None, typer.Option("--executor", help="ray (default) or local: every stage in this process, no Ray.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show every library's log lines (Ray, transformers, ...).")]
+
+EXIT_FAILED, EXIT_USAGE, EXIT_LEASE_HELD = 1, 2, 3
+
+
+class _ConsoleFilter(logging.Filter):
+    """The terminal shows spice-ray's stage lines and everyone's warnings; the rest goes to the run's
+    driver.log (and to the terminal with --verbose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name in ("spice_ray.pipeline", "spice_ray.cli")
+
+
+def _setup_logging(verbose: bool = False) -> None:
     level = os.environ.get("SPICE_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    root = logging.getLogger()
+    root.setLevel(level)
+    if any(getattr(h, "_spice", False) for h in root.handlers):
+        return
+    if verbose:
+        os.environ["SPICE_VERBOSE"] = "1"  # the executor passes Ray's own logs through
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    if not verbose:
+        handler.addFilter(_ConsoleFilter())
+        for noisy in ("transformers", "datasets", "deepspeed", "torch", "ray", "urllib3", "filelock"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    handler._spice = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
 
 
-def _load(config: Path | None, overrides: list[str] | None, root: str | None) -> Config:
+def _error(message: str, code: int) -> typer.Exit:
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _load(config: Path | None, overrides: list[str] | None, root: str | None, executor: str | None = None) -> Config:
     items = list(overrides or [])
     if root is not None:
         items.append(f"run.root={root}")
+    if executor is not None:
+        items.append(f"run.executor={executor}")
     try:
         return load_config(config, items)
     except ConfigError as e:
         # one line, whatever the terminal width (soft_wrap), and the message shown as is (escape)
-        console.print(f"[red]error:[/red] {escape(str(e))}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        raise _error(str(e), EXIT_USAGE) from None
 
 
-def _run(cfg: Config, stages: list[str] | None) -> dict[str, Any]:
-    from spice_ray.pipeline import run_pipeline
+def _run(cfg: Config, stages: list[str] | None, verbose: bool = False) -> dict[str, Any]:
+    """The pipeline, with the exit codes a scheduler acts on: 3 when another run holds the root,
+    2 for a stage whose inputs have not finished, 1 for a failed stage (its traceback is in the
+    run's driver.log under history/)."""
+    from spice_ray.corpus.ingest import IngestError
+    from spice_ray.lease import LeaseHeld, LeaseLost
+    from spice_ray.pipeline import StageNotReady, run_pipeline
+    from spice_ray.storage import StorageError
 
-    _setup_logging()
-    return run_pipeline(cfg, stages=stages)
-
-
-def _eval_line(name: str, entry: dict[str, Any]) -> str:
-    def fmt(m: dict[str, Any] | None) -> str:
-        return "n/a" if not m or m.get("loss") is None else f"loss {m['loss']:.4f} (ppl {m['perplexity']:.2f})"
-
-    base = f"base {fmt(entry.get('base'))} → " if "base" in entry else ""
-    return f"{name} ({entry.get('n', 0)} rows, {entry.get('tokens', 0)} tokens): {base}tuned {fmt(entry.get('tuned'))}"
+    _setup_logging(verbose)
+    try:
+        return run_pipeline(cfg, stages=stages)
+    except LeaseHeld as e:
+        raise _error(str(e), EXIT_LEASE_HELD) from None
+    except LeaseLost as e:
+        raise _error(str(e), EXIT_LEASE_HELD) from None
+    except (StageNotReady, ConfigError, IngestError, StorageError) as e:
+        raise _error(str(e), EXIT_USAGE) from None
 
 
 def _print_summary(cfg: Config, outcomes: dict[str, Any]) -> None:
+    from spice_ray.stages import stage
+
     console.rule("spice-ray run summary")
     for name, outcome in outcomes.items():
-        r = outcome.manifest.get("result", {})
         state = "skipped (done earlier)" if outcome.skipped else f"{outcome.manifest.get('seconds', 0):.1f}s"
-        if name == "ingest":
-            line = f"{r['n_in']} rows in, {r['n_kept']} kept, {r['n_quarantined']} quarantined {r['reasons']}"
-        elif name == "sketch":
-            line = f"{r['n_sketches']} sketches, d={cfg.sketch.dim}"
-        elif name == "select":
-            frac = r["k_selected"] / max(1, r["n_candidates"])
-            line = (
-                f"{r['method']}: {r['k_selected']} of {r['n_candidates']} ({frac:.1%}), "
-                f"log det {r['logdet']:.3f}, mean conflict {r['mean_conflict']:.4f}, stop: {r['stop_reason']}"
-            )
-        elif name == "train":
-            line = f"{r['steps']} steps, final loss {r['loss']:.4f}, model: {r['model']}"
-        elif name == "eval":
-            line = "; ".join(_eval_line(s, e) for s, e in r.get("sets", {}).items()) or "no eval sets"
-        else:
-            line = f"proxy {r.get('proxy')}"
-        console.print(f"[bold]{name:<7}[/bold] {state:<24} {line}")
+        console.print(f"[bold]{name:<7}[/bold] {state:<24} {escape(stage(name).describe(cfg, outcome.result))}", soft_wrap=True)
 
 
 @app.command()
-def run(config: ConfigOpt = None, set_: SetOpt = None, root: RootOpt = None) -> None:
-    """Run every configured stage (ingest → sketch → select → train); finished stages are skipped."""
-    cfg = _load(config, set_, root)
-    _print_summary(cfg, _run(cfg, None))
+def run(config: ConfigOpt = None, set_: SetOpt = None, root: RootOpt = None, executor: ExecutorOpt = None, verbose: VerboseOpt = False) -> None:
+    """Run every configured stage (ingest → sketch → select → train → eval); finished stages are skipped."""
+    cfg = _load(config, set_, root, executor)
+    _print_summary(cfg, _run(cfg, None, verbose))
 
 
 def _stage_command(stage: str):
-    def command(config: ConfigOpt = None, set_: SetOpt = None, root: RootOpt = None) -> None:
-        cfg = _load(config, set_, root)
-        _print_summary(cfg, _run(cfg, [stage]))
+    def command(config: ConfigOpt = None, set_: SetOpt = None, root: RootOpt = None, executor: ExecutorOpt = None, verbose: VerboseOpt = False) -> None:
+        cfg = _load(config, set_, root, executor)
+        _print_summary(cfg, _run(cfg, [stage], verbose))
 
     command.__doc__ = f"Run the {stage} stage only (its inputs must have finished)."
     return command
@@ -97,16 +122,25 @@ for _stage in ("ingest", "sketch", "select", "train"):
     app.command(name=_stage)(_stage_command(_stage))
 
 
+DEMO = ["corpus.holdout_test=0.2", "eval.holdout=test"]  # the demo evaluates on a held-out fifth of its corpus
+
+
 @app.command()
-def demo(set_: SetOpt = None, root: RootOpt = None) -> None:
-    """The whole pipeline on a generated corpus with the built-in tiny model, on local Ray."""
-    cfg = _load(None, set_, root)
-    outcomes = _run(cfg, None)
-    _print_summary(cfg, outcomes)
+def demo(set_: SetOpt = None, root: RootOpt = None, executor: ExecutorOpt = None, verbose: VerboseOpt = False) -> None:
+    """The whole pipeline on a generated corpus with the built-in tiny pre-trained model, on local
+    Ray; then the question that matters: does SPICE's 10% train a better model than a random 10%?"""
+    from spice_ray.bench import demo_comparison, markdown
     from spice_ray.report import write_report
 
+    cfg = _load(None, [*DEMO, *(set_ or [])], root, executor)
+    outcomes = _run(cfg, None, verbose)
+    _print_summary(cfg, outcomes)
+    console.rule("SPICE vs random vs full data, held-out loss (lower is better)")
+    summary, bench_cfg = demo_comparison(cfg)
+    console.print(markdown(summary, bench_cfg).split("\n", 2)[2].strip(), soft_wrap=True)
     console.print(f"run root: {Path(cfg.run.root).resolve()}")
     console.print(f"report:   {write_report(cfg.run.root)}")
+    console.print(f"bench:    {Path(cfg.run.root).resolve() / 'bench' / 'index.html'}")
 
 
 @app.command()
@@ -209,11 +243,11 @@ def eval_command(
         cfg = _load(config, set_, None)
     outcomes = _run(cfg, ["eval"])
     _print_summary(cfg, outcomes)
-    console.print(f"results:  {Path(cfg.run.root) / 'eval' / 'results.json'}")
+    console.print(f"results:  {outcomes['eval'].result['results_file']}")
     if lm_eval:
         model_dir = outcomes["eval"].manifest["result"]["models"]["tuned"]
         tasks = [t.strip() for t in lm_eval.split(",") if t.strip()]
-        out = Path(cfg.run.root) / "eval" / LM_EVAL_FILE
+        out = Path(outcomes["eval"].result["results_file"]).parent / LM_EVAL_FILE
         results = run_lm_eval(
             model_dir, tasks, out_path=out, limit=lm_eval_limit, batch_size=lm_eval_batch_size,
             include_path=str(lm_eval_include) if lm_eval_include else None,
@@ -222,6 +256,66 @@ def eval_command(
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool))
             console.print(f"[bold]lm-eval[/bold] {task}: {shown}")
         console.print(f"lm-eval:  {out}")
+
+
+@app.command()
+def bench(
+    config: Annotated[Path, typer.Argument(help="Bench config: the pipeline's sections plus a 'bench:' section (arms, seeds).")],
+    set_: SetOpt = None,
+    root: RootOpt = None,
+    executor: ExecutorOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Does the selection train a better model? Every arm × seed selected from one sketch set,
+    fine-tuned from the same base and evaluated per source on the held-out splits; resumable."""
+    from spice_ray.bench import load_bench, markdown, run_bench
+
+    items = [*(set_ or []), *([f"run.root={root}"] if root else []), *([f"run.executor={executor}"] if executor else [])]
+    try:
+        cfg, bench_cfg = load_bench(config, items)
+    except (ConfigError, FileNotFoundError) as e:
+        raise _error(str(e), EXIT_USAGE) from None
+    _setup_logging(verbose)
+    summary = run_bench(cfg, bench_cfg)
+    console.print(markdown(summary, bench_cfg), soft_wrap=True)
+    console.print(f"results:  {Path(cfg.run.root) / 'bench' / 'results.md'} (and index.html)")
+
+
+@app.command()
+def pretrain(
+    out: Annotated[Path, typer.Argument(help="Directory to write the pre-trained model to (Hugging Face layout).")],
+    corpus: Annotated[list[str], typer.Option("--corpus", help="Corpus files or folders (any input format; repeatable).")],
+    model: Annotated[str, typer.Option("--model", help="The model to start from: a built-in, a local path or a hub id.")] = "builtin:tiny-llama",
+    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps.")] = 1000,
+    block_size: Annotated[int, typer.Option("--block-size", help="Tokens per training block.")] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Blocks per step.")] = 16,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, cosine to 10%).")] = 3e-3,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the init, the batches and the built-in.")] = 0,
+) -> None:
+    """Pre-train a (small) model on a corpus, every token, so a proxy knows the data before it is
+    sketched. Keep the corpus disjoint from the pool you select from and the sets you evaluate on."""
+    import tempfile
+
+    from spice_ray.config import CorpusConfig
+    from spice_ray.corpus.ingest import IngestError, ingest
+    from spice_ray.models import is_builtin, load_tokenizer, materialize_builtin
+    from spice_ray.models.pretrain import pretrain as run_pretrain
+
+    _setup_logging()
+    with tempfile.TemporaryDirectory(prefix="spice-pretrain-") as tmp:
+        start = str(materialize_builtin(model, Path(tmp) / "init", seed=seed)) if is_builtin(model) else model
+        tokenizer = load_tokenizer(start)
+        try:
+            result = ingest(CorpusConfig(paths=corpus, max_tokens=1 << 20), tokenizer, Path(tmp) / "ingest")
+        except IngestError as e:
+            raise _error(str(e), EXIT_USAGE) from None
+        import pyarrow.parquet as pq
+
+        from spice_ray.corpus.tokenize import render_text
+
+        texts = [render_text(tokenizer, m) for m in pq.read_table(result.records_path, columns=["messages"]).column("messages").to_pylist()]
+        log = run_pretrain(start, texts, out, steps=steps, block_size=block_size, batch_size=batch_size, lr=lr, seed=seed)
+    console.print(f"pretrained on {result.n_kept} records: loss {log['loss_first']:.3f} → {log['loss_last']:.3f}; model: {out}")
 
 
 @app.command("config")

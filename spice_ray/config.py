@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class CorpusConfig(_Section):
@@ -34,9 +34,28 @@ class CorpusConfig(_Section):
     format: Literal["auto", "alpaca", "prompt_response", "messages", "sharegpt"] = Field(
         "auto", description="Row format; 'auto' detects it per row from the fields present."
     )
-    max_tokens: int = Field(1024, gt=0, description="Rows longer than this (tokenized) are quarantined.")
+    max_tokens: int = Field(1024, gt=0, description="Rows longer than this (tokenized) are quarantined, or truncated (too_long).")
+    too_long: Literal["quarantine", "truncate"] = Field(
+        "quarantine",
+        description="Rows over max_tokens: quarantine them, or keep them truncated to max_tokens (quarantined only "
+        "when no response token is left).",
+    )
+    holdout_validation: float = Field(
+        0.0, ge=0, lt=1, description="Share of the records held out as the validation split (by a hash of the uid; stable)."
+    )
+    holdout_test: float = Field(0.0, ge=0, lt=1, description="Share of the records held out as the test split (same hash).")
+    pool_fraction: float = Field(
+        1.0, gt=0, le=1, description="Stable random share of the remaining records that forms the pool (the rest is counted as unused)."
+    )
+    split_seed: int = Field(0, description="Seed of the holdout hash.")
     demo_size: int = Field(600, gt=0, description="Rows in the generated demo corpus.")
     demo_seed: int = Field(0, description="Seed of the generated demo corpus.")
+
+    @model_validator(mode="after")
+    def _splits(self) -> CorpusConfig:
+        if self.holdout_validation + self.holdout_test >= 1:
+            raise ValueError("corpus.holdout_validation + corpus.holdout_test must leave records for the pool (< 1)")
+        return self
 
 
 class ModelConfig(_Section):
@@ -136,7 +155,18 @@ class SelectConfig(_Section):
     )
     fraction: float | None = Field(0.1, gt=0, le=1, description="Budget as a fraction of the records.")
     k: int | None = Field(None, gt=0, description="Budget as a count; overrides fraction when set.")
-    alpha: float = Field(1.0, gt=0, description="α in log det(I + α Σ g gᵀ).")
+    alpha: float | Literal["auto"] = Field(
+        1.0, description="α in log det(I + α Σ g gᵀ); auto: 1 / median ‖g‖² of the (scaled) sketches, so a typical "
+        "candidate's first gain is log 2 whatever the loss scale."
+    )
+    scale: Literal["none", "unit", "tokens", "sqrt_tokens"] = Field(
+        "none",
+        description="Sketch scaling before selection: none (the per-sequence mean-loss gradient, as the paper), unit "
+        "(g/‖g‖, as LESS), tokens (× the record's loss tokens / their mean: the summed per-token loss), sqrt_tokens.",
+    )
+    quota: Literal["none", "source"] = Field(
+        "none", description="source: each source gets its share of the budget (largest remainder), picked by the method within it."
+    )
     lam: float = Field(0.1, ge=0, description="λ, weight of the conflict penalty (0: plain log-det).")
     omega: float | None = Field(
         None, gt=0, lt=1, description="Early stop at the first step whose gain ≤ ω × first gain."
@@ -170,6 +200,8 @@ class SelectConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SelectConfig:
+        if isinstance(self.alpha, float) and self.alpha <= 0:
+            raise ValueError(f"select.alpha must be > 0 or 'auto', got {self.alpha}")
         if self.k is None and self.fraction is None:
             raise ValueError("set select.fraction or select.k")
         if self.method == "less" and not self.target:
@@ -184,9 +216,14 @@ class TrainConfig(_Section):
     bf16 on GPU (fp32 on CPU). The effective batch is micro_batch_size × grad_accum × num_workers.
     """
 
-    num_workers: int = Field(2, gt=0, description="Ray Train workers (one GPU each when used).")
+    num_workers: int = Field(1, gt=0, description="Ray Train workers (one GPU each when used); 1 trains with plain torch (train.engine).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per train worker.")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
+    engine: Literal["auto", "torch", "deepspeed"] = Field(
+        "auto",
+        description="auto: plain torch at one worker without offload (no DeepSpeed op build), DeepSpeed "
+        "ZeRO otherwise; torch needs num_workers 1.",
+    )
     zero_stage: Literal[2, 3] | None = Field(
         None, description="DeepSpeed ZeRO stage; None: 2 with LoRA, 3 for full fine-tuning."
     )
@@ -233,13 +270,27 @@ class TrainConfig(_Section):
             return self.zero_stage
         return 2 if self.lora else 3
 
+    @model_validator(mode="after")
+    def _engine(self) -> TrainConfig:
+        if self.engine == "torch" and self.num_workers != 1:
+            raise ValueError("train.engine=torch runs one worker: set train.num_workers=1 or engine deepspeed/auto")
+        if self.engine == "torch" and self.offload:
+            raise ValueError("train.offload needs DeepSpeed: set train.engine=deepspeed or auto")
+        return self
+
 
 class EvalConfig(_Section):
     """Held-out loss and perplexity of the base and the fine-tuned target model."""
 
     paths: list[str] = Field(
         default_factory=list,
-        description="Eval sets, one per file or directory (any corpus format). Empty: a held-out generated demo set.",
+        description="Eval sets, one per file or directory (any corpus format). Empty: a held-out generated demo set "
+        "(or the holdout split, below).",
+    )
+    holdout: Literal["none", "validation", "test"] = Field(
+        "none",
+        description="Evaluate on the ingest's held-out split (corpus.holdout_*), one set per source plus the overall "
+        "token-weighted loss, instead of eval.paths / the demo set.",
     )
     format: Literal["auto", "alpaca", "prompt_response", "messages", "sharegpt"] = Field(
         "auto", description="Row format of the eval files."
@@ -259,6 +310,14 @@ class RunSection(_Section):
 
     root: str = Field("runs/demo", description="Run root directory (absolute on a multi-node cluster).")
     ray_address: str | None = Field(None, description="Ray address; None: the job's cluster or local.")
+    executor: Literal["ray", "local"] = Field(
+        "ray",
+        description="ray: Ray Data actors, Ray tasks and Ray Train workers (clusters); local: every stage in this "
+        "process, no Ray (small inputs, tests; trains with one worker).",
+    )
+    lease_ttl_s: float = Field(
+        120.0, gt=0, description="Seconds without a heartbeat after which another run may take over the run root's lease."
+    )
     stages: list[Literal["ingest", "sketch", "select", "train", "eval"]] = Field(
         default_factory=lambda: ["ingest", "sketch", "select", "train", "eval"], description="Stages `run` runs, in order."
     )
@@ -273,6 +332,22 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunSection = Field(default_factory=RunSection)
 
+    @model_validator(mode="after")
+    def _no_credentials_in_uris(self) -> Config:
+        for key, value in _strings(self.model_dump(mode="json")):
+            if _URI_USERINFO.search(value) or _SECRET_QUERY.search(value):
+                raise ValueError(
+                    f"{key} holds credentials in a URI ({redact(value)}): give them in the environment "
+                    "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, GOOGLE_APPLICATION_CREDENTIALS), never in the config"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _executor_fits(self) -> Config:
+        if self.run.executor == "local" and self.train.num_workers != 1:
+            raise ValueError(f"run.executor=local trains with one worker: set train.num_workers=1 (got {self.train.num_workers})")
+        return self
+
     def fingerprint(self, *sections: str) -> str:
         """sha256 of the named sections' resolved values (all when none are named)."""
         data = self.model_dump(mode="json")
@@ -281,14 +356,26 @@ class Config(_Section):
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
+def _strings(value: Any, key: str = "") -> list[tuple[str, str]]:
+    """Every string in a JSON-like value, with its dotted key."""
+    if isinstance(value, dict):
+        return [item for k, v in value.items() for item in _strings(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(value, list):
+        return [item for i, v in enumerate(value) for item in _strings(v, f"{key}[{i}]")]
+    return [(key, value)] if isinstance(value, str) else []
+
+
 def _format_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<config>"
+        key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a check across keys: its message names them
+            lines.append(str(e["msg"]).removeprefix("Value error, "))
         else:
-            lines.append(f"{key}: {e['msg']} (got {e.get('input')!r})")
+            got = repr(redact(e.get("input"), key.rsplit(".", 1)[-1]))
+            lines.append(f"{key or '<config>'}: {e['msg']} (got {got[:200]})")
     return "invalid config: " + "; ".join(lines)
 
 
@@ -317,16 +404,52 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+MAX_YAML_NODES = 100_000  # a config has hundreds; a "billion laughs" alias bomb expands to billions
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """Nodes in ``node`` once every alias is expanded (memoized on the shared nodes: linear time)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = 1  # a recursive alias counts once
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's content, or a one-line :class:`ConfigError` (missing, a folder, not UTF-8, not
+    YAML, or an alias bomb: more than ``MAX_YAML_NODES`` nodes once its aliases are expanded)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        size = _expanded_size(root, {}) if root is not None else 0
+        if size > MAX_YAML_NODES:
+            raise ConfigError(f"config file {path} expands to {size:,} YAML nodes through its aliases (at most {MAX_YAML_NODES:,})")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        loaded = read_yaml(path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         data = loaded or {}
@@ -337,7 +460,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_error(e)) from None
 
 
-_SECRET_KEY = re.compile(r"(token|secret|password|passwd|credential|api_key|access_key)", re.IGNORECASE)
+_SECRET_KEY = re.compile(r"(token(?!izer|s\b)|secret|password|passwd|credential|api_key|access_key)", re.IGNORECASE)
 _URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
 _SECRET_QUERY = re.compile(r"([?&](?:token|sig|signature|secret|password|key)=)[^&\s]+", re.IGNORECASE)
 REDACTED = "***"

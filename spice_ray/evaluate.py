@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from spice_ray.config import Config, CorpusConfig
+from spice_ray.executor import Executor, Resources
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,36 @@ def _set_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def prepare_eval_sets(cfg: Config, tokenizer: Any, out_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """Ingest every eval set into ``out_dir/sets/<name>/``; ``{name: {records, n_in, n_quarantined, paths}}``."""
+def holdout_sets(split_path: str, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """One eval set per source of a holdout split (already ingested: no second ingest)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from spice_ray.storage import ensure_local
+
+    table = pq.read_table(ensure_local(split_path))
+    sets: dict[str, dict[str, Any]] = {}
+    for source in sorted(set(table.column("source").to_pylist())):
+        path = out_dir / "sets" / f"{source}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = table.filter(pc.equal(table.column("source"), source))
+        pq.write_table(part, path)
+        sets[source] = {"records": str(path), "n_in": part.num_rows, "n_quarantined": 0, "paths": [split_path]}
+    return sets
+
+
+def prepare_eval_sets(cfg: Config, tokenizer: Any, out_dir: str | Path, holdout: str | None = None) -> dict[str, dict[str, Any]]:
+    """Ingest every eval set into ``out_dir/sets/<name>/``; ``{name: {records, n_in, n_quarantined, paths}}``.
+    With ``eval.holdout`` the sets are the sources of that split under ``holdout`` (the ingest's)."""
     from spice_ray.corpus.demo import write_demo_corpus
     from spice_ray.corpus.ingest import ingest
 
     out = Path(out_dir)
     ecfg = cfg.eval
+    if ecfg.holdout != "none":
+        if not holdout:
+            raise ValueError(f"eval.holdout={ecfg.holdout} needs a holdout split: set corpus.holdout_{ecfg.holdout} > 0")
+        return holdout_sets(f"{holdout}/{ecfg.holdout}.parquet", out)
     ccfg = CorpusConfig(format=ecfg.format, max_tokens=ecfg.max_tokens or cfg.corpus.max_tokens)
     if ecfg.paths:
         inputs = {name: [p] for name, p in zip(_set_names(ecfg.paths), ecfg.paths, strict=True)}
@@ -201,17 +225,17 @@ def _local_model(path: str) -> Iterator[str]:
 
 def run_eval_stage(
     cfg: Config,
+    executor: Executor,
     *,
     out_dir: str,
     base_model: str,
     tuned_model: str,
     tokenizer_path: str,
     selection_path: str | None = None,
+    holdout: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``base_model`` (when ``eval.base``) and ``tuned_model`` on the eval sets; write
     ``out_dir/results.json`` and return the same dict."""
-    import ray
-
     from spice_ray.models import load_tokenizer
 
     t0 = time.time()
@@ -224,7 +248,7 @@ def run_eval_stage(
         import pyarrow.parquet as pq
 
         exclude = frozenset(u for u in pq.read_table(selection_path, columns=["uid"]).column("uid").to_pylist() if u)
-    prepared = prepare_eval_sets(cfg, tokenizer, out)
+    prepared = prepare_eval_sets(cfg, tokenizer, out, holdout)
     max_tokens = ecfg.max_tokens or cfg.corpus.max_tokens
     encoded: dict[str, list[dict[str, list[int]]]] = {}
     overlap: dict[str, int] = {}
@@ -234,15 +258,10 @@ def run_eval_stage(
             logger.warning("eval set %s has no rows left to evaluate", name)
 
     model_paths = {"base": base_model, "tuned": tuned_model} if ecfg.base else {"tuned": tuned_model}
-    num_gpus = ecfg.num_gpus
-    if num_gpus is None:
-        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    task = ray.remote(evaluate_models).options(num_cpus=ecfg.num_cpus, num_gpus=num_gpus, max_retries=1)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = ray.get(
-        task.remote(
-            model_paths, encoded, batch_size=ecfg.batch_size, pad_id=pad_id, trust_remote_code=cfg.model.trust_remote_code
-        )
+    scores = executor.call(
+        evaluate_models, model_paths, encoded, batch_size=ecfg.batch_size, pad_id=pad_id,
+        trust_remote_code=cfg.model.trust_remote_code, resources=Resources(cpus=ecfg.num_cpus, gpus=ecfg.num_gpus),
     )
 
     sets: dict[str, Any] = {}
@@ -260,6 +279,8 @@ def run_eval_stage(
         if "base" in entry and entry["base"]["loss"] is not None and entry["tuned"]["loss"] is not None:
             entry["loss_delta"] = entry["tuned"]["loss"] - entry["base"]["loss"]
         sets[name] = entry
+    if ecfg.holdout != "none":
+        sets = {"overall": overall(sets, list(model_paths)), **sets}
     results = {
         "models": model_paths,
         "device": scores["device"],
@@ -277,6 +298,18 @@ def run_eval_stage(
             entry.get("base", {}).get("loss"), entry["tuned"]["loss"],
         )
     return results
+
+
+def overall(sets: dict[str, Any], labels: list[str]) -> dict[str, Any]:
+    """The token-weighted loss over several eval sets (every loss token counts once)."""
+    entry: dict[str, Any] = {name: sum(e[name] for e in sets.values()) for name in ("n", "tokens", "n_in", "n_quarantined", "n_overlap_dropped")}
+    for label in labels:
+        tokens = sum(e["tokens"] for e in sets.values() if e[label]["loss"] is not None)
+        total = sum(e[label]["loss"] * e["tokens"] for e in sets.values() if e[label]["loss"] is not None)
+        entry[label] = summarize(total, tokens)
+    if "base" in entry and entry["base"]["loss"] is not None and entry["tuned"]["loss"] is not None:
+        entry["loss_delta"] = entry["tuned"]["loss"] - entry["base"]["loss"]
+    return entry
 
 
 # ------------------------------------------------------------------------------------------ lm-eval

@@ -1,17 +1,24 @@
-"""The pipeline: stages under one run root, completion markers, manifests and resume.
+"""The pipeline: a loop over the declared stages (:mod:`spice_ray.stages`) under one run root, with
+completion markers, manifests, content keys, one writer at a time and a record of every run.
 
     <root>/config.yaml            the resolved config of the latest invocation
     <root>/models/                built-in models materialized once (HF layout)
     <root>/ingest/                records.parquet, quarantine.parquet (demo_corpus/ when corpus.paths is empty)
-    <root>/sketch/sketches/       sketch parquet files
+    <root>/sketch/sketches/       sketch parquet files, sorted by uid
     <root>/select/                selection.parquet, summary.json
-    <root>/train/                 Ray Train storage (checkpoints) and model/ (Hugging Face format)
-    <root>/eval/                  results.json: held-out loss / perplexity, base vs fine-tuned
+    <root>/train/<key>/           rows.parquet, checkpoints/, model/ (Hugging Face format), metrics
+    <root>/eval/<key>/            results.json: held-out loss / perplexity, base vs fine-tuned
+    <root>/cache/sketches/        the sketch cache, by sketch spec
+    <root>/history/<run>/         one entry per invocation that did work: run.json, status.json,
+                                  driver.log, the selection and the eval results of that run
+    <root>/status.json            the latest invocation's status (machine-readable)
+    <root>/latest.json            where the latest trained model, eval and selection are (written last)
+    <root>/_lease.json            the live run's lease (one writer per root)
 
-Each stage directory holds ``manifest.json`` (inputs and their hashes, config, versions, counts,
-timings) and, once the stage has finished, ``_SUCCESS`` holding the stage's key. The key is a
-sha256 of the config sections the stage reads and of its upstream stages' keys; a rerun skips a
-stage whose marker holds the same key and recomputes it (and so everything downstream) otherwise.
+Each stage directory holds ``manifest.json`` (inputs and their digests, config, versions, counts,
+timings, the digest of every artifact) and, once the stage has finished, ``_SUCCESS`` holding the
+stage's key: a sha256 of what the stage declares it reads (config values, upstream artifact digests,
+input files). A rerun skips a stage whose marker holds the same key and whose artifacts are intact.
 """
 
 from __future__ import annotations
@@ -19,11 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -33,13 +38,22 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from spice_ray.config import Config, dump_config, redact
-from spice_ray.storage import Store, ensure_local, files_key
+from spice_ray.executor import Executor, make_executor
+from spice_ray.lease import Lease
+from spice_ray.stages import STAGE_NAMES, Stage, StageContext, StageDirs
+from spice_ray.stages import STAGES as STAGE_DEFS
+from spice_ray.storage import Store
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("models", "ingest", "sketch", "select", "train", "eval")
+STAGES = STAGE_NAMES  # in order
 MARKER = "_SUCCESS"
 MANIFEST = "manifest.json"
+HISTORY = "history"
+STATUS_FILE = "status.json"
+LATEST_FILE = "latest.json"
+KEY_FORMAT = "2"  # bump when the meaning of a key changes
+HASH_LIMIT = 512 * 1024**2  # files above this are checked by size only (hashing would re-read them)
 
 
 def versions() -> dict[str, str]:
@@ -53,8 +67,7 @@ def versions() -> dict[str, str]:
 
 
 class RunRoot:
-    """A run's root: a local directory (absolute, so Ray workers on this machine read the same
-    files) or an object-store URI, through :class:`spice_ray.storage.Store`."""
+    """A run's root: a local directory or an object-store URI, through :class:`Store`."""
 
     def __init__(self, root: str | Path) -> None:
         self.store = Store(str(root))
@@ -63,27 +76,39 @@ class RunRoot:
     def uri(self) -> str:
         return self.store.uri()
 
-    def stage_uri(self, stage: str) -> str:
-        if stage not in STAGES:
-            raise ValueError(f"unknown stage {stage!r}")
-        return self.store.uri(stage)
-
     def marker_key(self, stage: str) -> str | None:
         rel = f"{stage}/{MARKER}"
         return self.store.read_text(rel).strip() if self.store.exists(rel) else None
 
     def manifest(self, stage: str) -> dict[str, Any]:
-        return json.loads(self.store.read_text(f"{stage}/{MANIFEST}"))
+        """The stage's manifest, its ``root:`` paths resolved against this root (see :func:`portable`)."""
+        return resolve(json.loads(self.store.read_text(f"{stage}/{MANIFEST}")), self.uri)
 
 
-@dataclass
-class StageDirs:
-    """Where a stage writes: ``uri`` under the run root (what Ray workers write to directly), and
-    ``local``, a local directory for driver-side files: the stage directory itself for a local
-    root, else a staging directory uploaded to ``uri`` when the stage succeeds."""
+ROOT_PREFIX = "root:"
 
-    uri: str
-    local: Path
+
+def portable(value: Any, root_uri: str) -> Any:
+    """``value`` with every string under ``root_uri`` written as ``root:<path inside the root>``, so
+    a manifest names its artifacts wherever the root is copied or mounted."""
+    if isinstance(value, dict):
+        return {k: portable(v, root_uri) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, root_uri) for v in value]
+    if isinstance(value, str) and value.startswith(root_uri.rstrip("/") + "/"):
+        return ROOT_PREFIX + value[len(root_uri.rstrip("/")) + 1 :]
+    return value
+
+
+def resolve(value: Any, root_uri: str) -> Any:
+    """The inverse of :func:`portable` for the root at ``root_uri``."""
+    if isinstance(value, dict):
+        return {k: resolve(v, root_uri) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve(v, root_uri) for v in value]
+    if isinstance(value, str) and value.startswith(ROOT_PREFIX):
+        return f"{root_uri.rstrip('/')}/{value[len(ROOT_PREFIX):]}"
+    return value
 
 
 @dataclass
@@ -92,23 +117,12 @@ class StageOutcome:
     skipped: bool
     manifest: dict[str, Any] = field(default_factory=dict)
 
-
-def _stage_key(cfg: Config, stage: str, upstream_keys: list[str]) -> str:
-    sections = {
-        "models": ("model",),
-        "ingest": ("corpus",),
-        "sketch": ("model", "sketch"),
-        "select": ("select",),
-        "train": ("model", "train"),
-        "eval": ("eval",),
-    }[stage]
-    parts = [stage, cfg.fingerprint(*sections), *upstream_keys]
-    if stage in ("sketch", "eval"):
-        parts.append(str(cfg.corpus.max_tokens))
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    @property
+    def result(self) -> dict[str, Any]:
+        return self.manifest.get("result", {})
 
 
-HASH_LIMIT = 512 * 1024**2  # files above this are checked by size only (hashing would re-read them)
+# ------------------------------------------------------------------------------------------ digests
 
 
 def _sha256(store: Store, rel: str) -> str:
@@ -120,7 +134,8 @@ def _sha256(store: Store, rel: str) -> str:
 
 
 def artifact_digests(store: Store, stage: str, result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file a stage's result points to inside the stage directory."""
+    """Size and sha256 of every file a stage's result points to inside the stage directory, keyed by
+    the path relative to the root."""
     prefix = store.uri(stage) + "/"
     out: dict[str, dict[str, Any]] = {}
     for value in result.values():
@@ -150,250 +165,231 @@ def verify_artifacts(store: Store, outputs: dict[str, dict[str, Any]]) -> list[s
     return damaged
 
 
-def run_stage(
-    root: RunRoot,
-    stage: str,
-    key: str,
-    cfg: Config,
-    body: Callable[[StageDirs], dict[str, Any]],
-    inputs: dict[str, Any],
-) -> StageOutcome:
-    """Run ``body(dirs)`` unless the stage's marker already holds ``key``.
+def need_digest(store: Store, manifest: dict[str, Any], field_name: str) -> str:
+    """What a downstream key sees of an upstream result field: the digest of the artifact it points
+    to (a file or directory under the root), else its value. An artifact with a file too large to
+    hash falls back to the upstream key, so nothing changes unseen."""
+    value = manifest["result"].get(field_name)
+    rel_prefix = value[len(store.uri()) + 1 :] if isinstance(value, str) and value.startswith(store.uri() + "/") else None
+    if rel_prefix is None:
+        return json.dumps(value, sort_keys=True, default=str)
+    files = {rel: d for rel, d in manifest.get("outputs", {}).items() if rel == rel_prefix or rel.startswith(rel_prefix + "/")}
+    if not files or any(d.get("sha256") is None for d in files.values()):
+        return f"key:{manifest['key']}"
+    return hashlib.sha256(json.dumps({rel[len(rel_prefix):]: d["sha256"] for rel, d in files.items()}, sort_keys=True).encode()).hexdigest()
 
-    ``body`` returns the stage's counts/outputs; this writes the manifest and then the marker (the
-    commit point: a stage without its marker is never trusted downstream).
-    """
-    if root.marker_key(stage) == key:
-        manifest = root.manifest(stage)
-        damaged = verify_artifacts(root.store, manifest.get("outputs", {}))
-        if not damaged:
-            logger.info("%s: finished earlier, skipped", stage)
-            return StageOutcome(stage, skipped=True, manifest=manifest)
-        logger.warning("%s: artifacts missing or corrupted (%s); recomputing", stage, "; ".join(damaged))
-    elif root.marker_key(stage) is not None:
-        logger.warning("%s: config or inputs changed since it finished; recomputing", stage)
-    root.store.delete(f"{stage}/{MARKER}")
+
+def config_values(cfg: Config, reads: tuple[str, ...]) -> dict[str, Any]:
+    data = cfg.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    for dotted in reads:
+        node: Any = data
+        for part in dotted.split("."):
+            node = node[part]
+        out[dotted] = node
+    return out
+
+
+def stage_key(stage: Stage, cfg: Config, upstream: dict[str, dict[str, Any]], store: Store) -> str:
+    """sha256 of what ``stage`` declares it reads: config values, upstream digests, input files."""
+    needs = {}
+    for need in stage.needs:
+        up, _, field_name = need.partition(".")
+        manifest = upstream[up]
+        needs[need] = need_digest(store, manifest, field_name) if field_name else f"key:{manifest['key']}"
+    payload = {"format": KEY_FORMAT, "stage": stage.name, "config": config_values(cfg, stage.reads), "needs": needs,
+               "inputs": stage.inputs(cfg)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def stage_rel(stage: Stage, key: str) -> str:
+    return f"{stage.name}/{key[:16]}" if stage.versioned else stage.name
+
+
+# ---------------------------------------------------------------------------------------- one stage
+
+
+def finished(root: RunRoot, stage: Stage, key: str) -> dict[str, Any] | None:
+    """The stage's manifest when it finished with ``key`` and its artifacts are intact, else None."""
+    if root.marker_key(stage.name) != key:
+        return None
+    manifest = root.manifest(stage.name)
+    damaged = verify_artifacts(root.store, manifest.get("outputs", {}))
+    if damaged:
+        logger.warning("%s: artifacts missing or corrupted (%s); recomputing", stage.name, "; ".join(damaged))
+        return None
+    return manifest
+
+
+def run_stage(root: RunRoot, stage: Stage, key: str, cfg: Config, executor: Executor, upstream: dict[str, dict[str, Any]]) -> StageOutcome:
+    """Run ``stage`` under ``key``: its work, then the manifest, then the marker (the commit point: a
+    stage without its marker is never trusted downstream)."""
+    if root.marker_key(stage.name) is not None:
+        logger.warning("%s: config or inputs changed since it finished; recomputing", stage.name)
+    root.store.delete(f"{stage.name}/{MARKER}")
+    rel = stage_rel(stage, key)
     started = time.time()
-    logger.info("%s: started", stage)
-    with tempfile.TemporaryDirectory(prefix=f"spice-{stage}-") as staging:
-        local = Path(root.store.path(stage)) if root.store.is_local else Path(staging)
+    logger.info("%s: started", stage.name)
+    with tempfile.TemporaryDirectory(prefix=f"spice-{stage.name}-") as staging:
+        local = Path(root.store.path(rel)) if root.store.is_local else Path(staging)
         local.mkdir(parents=True, exist_ok=True)
-        result = body(StageDirs(uri=root.stage_uri(stage), local=local))
+        ctx = StageContext(cfg=cfg, executor=executor, dirs=StageDirs(uri=root.store.uri(rel), local=local),
+                           upstream={name: m["result"] for name, m in upstream.items()}, root_uri=root.uri)
+        result = stage.run(ctx)
         if not root.store.is_local and any(Path(staging).iterdir()):
-            root.store.upload_dir(staging, stage, replace=False)
-    finished = time.time()
+            root.store.upload_dir(staging, rel, replace=False)
+    finished_at = time.time()
     manifest = {
-        "stage": stage,
+        "stage": stage.name,
         "key": key,
-        "inputs": inputs,
+        "dir": rel,
+        "inputs": {need: upstream[need.partition(".")[0]]["key"] for need in stage.needs},
         "config": redact(cfg.model_dump(mode="json")),
         "versions": versions(),
+        "executor": executor.name,
         "result": result,
-        "outputs": artifact_digests(root.store, stage, result),
+        "outputs": artifact_digests(root.store, stage.name, result),
         "started": datetime.fromtimestamp(started, UTC).isoformat(),
-        "finished": datetime.fromtimestamp(finished, UTC).isoformat(),
-        "seconds": round(finished - started, 3),
+        "finished": datetime.fromtimestamp(finished_at, UTC).isoformat(),
+        "seconds": round(finished_at - started, 3),
     }
-    root.store.write_text(f"{stage}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True, default=str))
-    root.store.write_text(f"{stage}/{MARKER}", key + "\n")
-    logger.info("%s: done in %.1fs", stage, finished - started)
-    return StageOutcome(stage, skipped=False, manifest=manifest)
+    root.store.write_text(f"{stage.name}/{MANIFEST}", json.dumps(portable(manifest, root.uri), indent=2, sort_keys=True, default=str))
+    root.store.write_text(f"{stage.name}/{MARKER}", key + "\n")
+    logger.info("%s: done in %.1fs", stage.name, finished_at - started)
+    return StageOutcome(stage.name, skipped=False, manifest=manifest)
 
 
-def init_ray(address: str | None) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        # a local single-machine Ray (the demo): keep it on 127.0.0.1
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(address=address, ignore_reinit_error=True)
+# -------------------------------------------------------------------------------------- invocations
 
 
-def resolve_model(spec: str, dirs: StageDirs, seed: int) -> tuple[str, str]:
-    """(URI every worker loads, local path to fingerprint). A built-in is written into the run
-    root's models/ once; a local path, remote URI or hub id passes through."""
-    from spice_ray.models import is_builtin, materialize_builtin
+class Invocation:
+    """One call of :func:`run_pipeline`: its status file, its driver log, and (when it did work or
+    failed) its history entry ``history/<time>-<run id>/``."""
 
-    if is_builtin(spec):
-        name = spec.removeprefix("builtin:")
-        local = materialize_builtin(spec, dirs.local / name, seed=seed)
-        return f"{dirs.uri}/{name}", str(local)
-    local = Path(spec).expanduser()
-    resolved = str(local.resolve()) if local.exists() else spec
-    return resolved, resolved
+    def __init__(self, root: RunRoot, run_id: str, stages: list[str]) -> None:
+        self.root, self.run_id, self.stages = root, run_id, stages
+        self.started = datetime.now(UTC)
+        self.entry = f"{HISTORY}/{self.started.strftime('%Y%m%dT%H%M%SZ')}-{run_id}"
+        self._dir = tempfile.TemporaryDirectory(prefix="spice-run-")
+        self.log_path = Path(self._dir.name) / "driver.log"
+        self._handler = logging.FileHandler(self.log_path)
+        self._handler.setLevel(logging.INFO)
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(self._handler)  # every library's warnings
+        self._level = logging.getLogger("spice_ray").level
+        if logging.getLogger("spice_ray").getEffectiveLevel() > logging.INFO:
+            logging.getLogger("spice_ray").setLevel(logging.INFO)  # and spice-ray's own progress lines
+
+    def status(self, state: str, *, stage: str | None = None, error: str | None = None, in_history: bool = False) -> dict[str, Any]:
+        record = {"run": self.run_id, "state": state, "stage": stage, "stages": self.stages, "error": error,
+                  "started": self.started.isoformat(), "updated": datetime.now(UTC).isoformat(),
+                  "entry": self.entry if in_history else None}
+        text = json.dumps(record, indent=2)
+        self.root.store.write_text(STATUS_FILE, text)
+        if in_history:
+            self.root.store.write_text(f"{self.entry}/{STATUS_FILE}", text)
+        return record
+
+    def record(self, outcomes: dict[str, StageOutcome], state: str, error: str | None = None) -> None:
+        """Write the history entry: run.json, the selection and eval results, status and driver log."""
+        store = self.root.store
+        record = {
+            "run": self.run_id,
+            "started": self.started.isoformat(),
+            "finished": datetime.now(UTC).isoformat(),
+            "state": state,
+            "error": error,
+            "stages": {name: {"key": o.manifest.get("key"), "skipped": o.skipped, "seconds": o.manifest.get("seconds"),
+                              "dir": o.manifest.get("dir"), "result": o.result} for name, o in outcomes.items()},
+        }
+        for name, src in (("selection.parquet", "select/selection.parquet"), ("summary.json", "select/summary.json")):
+            if "select" in outcomes and store.exists(src):
+                store.copy(src, f"{self.entry}/{name}")
+        results = outcomes["eval"].result.get("results_file") if "eval" in outcomes else None
+        if results and store.exists(results[len(store.uri()) + 1 :]):
+            store.copy(results[len(store.uri()) + 1 :], f"{self.entry}/eval_results.json")
+        store.write_text(f"{self.entry}/run.json", json.dumps(portable(record, store.uri()), indent=2, sort_keys=True, default=str))
+        self.status(state, error=error, in_history=True)
+        self._handler.flush()
+        store.write_bytes(f"{self.entry}/driver.log", self.log_path.read_bytes())
+
+    def latest(self, outcomes: dict[str, StageOutcome]) -> None:
+        """``latest.json``: where this root's current selection, model and eval are, as paths inside the
+        root (written last)."""
+        pointer = {"run": self.entry, "updated": datetime.now(UTC).isoformat()}
+        for stage, fieldname in (("select", "selection"), ("train", "model"), ("eval", "results_file")):
+            if stage in outcomes:
+                pointer[stage] = outcomes[stage].result.get(fieldname)
+        root = self.root.store.uri().rstrip("/") + "/"
+        relative = {k: v[len(root):] if isinstance(v, str) and v.startswith(root) else v for k, v in pointer.items()}
+        self.root.store.write_text(LATEST_FILE, json.dumps(relative, indent=2))
+
+    def close(self) -> None:
+        logging.getLogger("spice_ray").setLevel(self._level)
+        logging.getLogger().removeHandler(self._handler)
+        self._handler.close()
+        self._dir.cleanup()
 
 
-def run_pipeline(cfg: Config, *, stages: list[str] | None = None) -> dict[str, StageOutcome]:
-    """Run the configured stages in order under ``cfg.run.root``; returns each stage's outcome."""
-    from spice_ray.models import model_fingerprint
+def _run_stages(root: RunRoot, cfg: Config, wanted: list[str], executor: Executor, lease: Lease, run: Invocation,
+                outcomes: dict[str, StageOutcome]) -> None:
+    """Walk the stages in order: skip what finished under the same key, run what is wanted."""
+    manifests: dict[str, dict[str, Any]] = {}
+    for stage in STAGE_DEFS:
+        missing = [up for up in stage.upstream if up not in manifests]
+        if missing:
+            if stage.name in wanted:
+                raise StageNotReady(f"stage {stage.name}: its input stage {missing[0]} has not finished for this config under {root.uri}; run it first")
+            continue
+        key = stage_key(stage, cfg, manifests, root.store)
+        manifest = finished(root, stage, key)
+        if manifest is not None:
+            logger.info("%s: finished earlier, skipped", stage.name)
+            manifests[stage.name] = manifest
+            if stage.name in wanted or stage.name == "models":
+                outcomes[stage.name] = StageOutcome(stage.name, skipped=True, manifest=manifest)
+            continue
+        if stage.name not in wanted and stage.name != "models":
+            continue
+        lease.check()
+        run.status("running", stage=stage.name)
+        upstream = {up: manifests[up] for up in stage.upstream}
+        outcomes[stage.name] = run_stage(root, stage, key, cfg, executor, upstream)
+        manifests[stage.name] = outcomes[stage.name].manifest
 
+
+class StageNotReady(RuntimeError):
+    """A requested stage's inputs have not finished for this config."""
+
+
+def run_pipeline(cfg: Config, *, stages: list[str] | None = None, executor: Executor | None = None,
+                 lease_ttl: float | None = None) -> dict[str, StageOutcome]:
+    """Run the configured stages in order under ``cfg.run.root``; returns each stage's outcome.
+
+    ``executor``: where the work runs (default: ``run.executor``). Holds the root's lease throughout
+    (:class:`spice_ray.lease.LeaseHeld` when another run holds it)."""
     root = RunRoot(cfg.run.root)
-    root.store.write_text("config.yaml", dump_config(cfg, redacted=True))
     wanted = list(stages or cfg.run.stages)
+    lease = Lease(root.store, ttl=lease_ttl or cfg.run.lease_ttl_s)
     outcomes: dict[str, StageOutcome] = {}
-
-    # models: materialize built-ins; record fingerprints (they key every downstream stage).
-    def models_body(dirs: StageDirs) -> dict[str, Any]:
-        proxy, proxy_local = resolve_model(cfg.model.proxy, dirs, cfg.model.init_seed)
-        target, target_local = resolve_model(cfg.model.target, dirs, cfg.model.init_seed)
-        tokenizer = resolve_model(cfg.model.tokenizer, dirs, cfg.model.init_seed)[0] if cfg.model.tokenizer else None
-        return {
-            "proxy": proxy,
-            "target": target,
-            "tokenizer": tokenizer or target,
-            "proxy_tokenizer": tokenizer or proxy,
-            "proxy_fingerprint": model_fingerprint(proxy_local),
-            "target_fingerprint": model_fingerprint(target_local),
-            "trust_remote_code": cfg.model.trust_remote_code,
-        }
-
-    models_key = _stage_key(cfg, "models", [])
-    outcomes["models"] = run_stage(root, "models", models_key, cfg, models_body, {"proxy": cfg.model.proxy, "target": cfg.model.target})
-    models = outcomes["models"].manifest["result"]
-    models_key_full = hashlib.sha256((models_key + models["proxy_fingerprint"] + models["target_fingerprint"]).encode()).hexdigest()
-
-    # ingest
-    def ingest_body(dirs: StageDirs) -> dict[str, Any]:
-        from spice_ray.corpus.ingest import QUARANTINE_FILE, RECORDS_FILE, ingest
-        from spice_ray.models import load_tokenizer
-
-        tokenizer = load_tokenizer(ensure_local(models["tokenizer"]), trust_remote_code=cfg.model.trust_remote_code)
-        result = ingest(cfg.corpus, tokenizer, dirs.local)  # no corpus.paths: the demo corpus
-        return {
-            "records": f"{dirs.uri}/{RECORDS_FILE}",
-            "quarantine": f"{dirs.uri}/{QUARANTINE_FILE}",
-            "n_in": result.n_in,
-            "n_kept": result.n_kept,
-            "n_quarantined": result.n_quarantined,
-            "reasons": result.reasons,
-            "sources": result.sources,
-            "files": result.files,
-        }
-
-    ingest_key = _stage_key(cfg, "ingest", [models_key_full, files_key(cfg.corpus.paths)])
-    if "ingest" in wanted:
-        outcomes["ingest"] = run_stage(root, "ingest", ingest_key, cfg, ingest_body, {"paths": cfg.corpus.paths or ["<demo>"]})
-
-    # sketch
-    # A warm-up trains with the train section's settings; an optimizer_state checkpoint is keyed by
-    # its content. The sketch cache (cache_dir) is keyed by the sketch spec, so a rerun over a grown
-    # corpus sketches only the new records; the manifest result holds the spec, the projection spec,
-    # n_cached / n_computed and the fidelity report.
-    sketch_extra = [cfg.fingerprint("train")] if cfg.sketch.warmup_fraction > 0 else []
-    if cfg.sketch.optimizer_state:
-        from spice_ray.sketch.stage import digest_path
-
-        sketch_extra.append(digest_path(Path(ensure_local(cfg.sketch.optimizer_state)).expanduser()))
-    sketch_key = _stage_key(cfg, "sketch", [models_key_full, ingest_key, *sketch_extra])
-    if "sketch" in wanted:
-        ingest_result = _require(root, "ingest", ingest_key)
-
-        def sketch_body(dirs: StageDirs) -> dict[str, Any]:
-            from spice_ray.sketch.stage import run_sketch_stage
-
-            init_ray(cfg.run.ray_address)
-            counts = run_sketch_stage(
-                cfg,
-                records_path=ingest_result["records"],
-                model_path=models["proxy"],
-                tokenizer_path=models["proxy_tokenizer"],
-                out_dir=dirs.uri,
-                cache_dir=cfg.sketch.cache_dir or root.store.uri("cache/sketches"),
-                model_fingerprint=models["proxy_fingerprint"],
-            )
-            return {"sketches": f"{dirs.uri}/sketches", **counts}
-
-        outcomes["sketch"] = run_stage(root, "sketch", sketch_key, cfg, sketch_body, {"records": ingest_result["records"], "proxy": models["proxy_fingerprint"]})
-
-    # select
-    select_key = _stage_key(cfg, "select", [sketch_key, *([files_key([cfg.select.target])] if cfg.select.target else [])])
-    if "select" in wanted:
-        sketch_result = _require(root, "sketch", sketch_key)
-
-        def select_body(dirs: StageDirs) -> dict[str, Any]:
-            from spice_ray.select.actor import run_select_stage
-
-            init_ray(cfg.run.ray_address)
-            summary = run_select_stage(sketch_result["sketches"], dirs.uri, cfg.select)
-            return {"selection": f"{dirs.uri}/selection.parquet", **summary}
-
-        outcomes["select"] = run_stage(root, "select", select_key, cfg, select_body, {"sketches": sketch_result["sketches"]})
-
-    # train
-    train_key = _stage_key(cfg, "train", [select_key, ingest_key])
-    if "train" in wanted:
-        ingest_result = _require(root, "ingest", ingest_key)
-        select_result = _require(root, "select", select_key)
-
-        def train_body(dirs: StageDirs) -> dict[str, Any]:
-            from spice_ray.train import run_train_stage
-
-            init_ray(cfg.run.ray_address)
-            return run_train_stage(
-                cfg,
-                records_path=ingest_result["records"],
-                selection_path=select_result["selection"],
-                model_path=models["target"],
-                tokenizer_path=models["tokenizer"],
-                out_dir=dirs.uri,
-                max_tokens=cfg.corpus.max_tokens,
-            )
-
-        outcomes["train"] = run_stage(root, "train", train_key, cfg, train_body, {"selection": select_result["selection"], "target": models["target_fingerprint"]})
-
-    # eval: held-out loss / perplexity of the base and the fine-tuned target (spice_ray.evaluate)
-    eval_key = _stage_key(cfg, "eval", [train_key, models_key_full, files_key(cfg.eval.paths)])
-    if "eval" in wanted:
-        train_result = _require(root, "train", train_key)
-        select_result = _require(root, "select", select_key)
-
-        def eval_body(dirs: StageDirs) -> dict[str, Any]:
-            from spice_ray.evaluate import RESULTS_FILE, run_eval_stage
-
-            init_ray(cfg.run.ray_address)
-            return {"results_file": f"{dirs.uri}/{RESULTS_FILE}"} | run_eval_stage(
-                cfg,
-                out_dir=str(dirs.local),
-                base_model=models["target"],
-                tuned_model=train_result["model"],
-                tokenizer_path=models["tokenizer"],
-                selection_path=select_result["selection"],
-            )
-
-        outcomes["eval"] = run_stage(root, "eval", eval_key, cfg, eval_body, {"model": train_result["model"], "paths": cfg.eval.paths or ["<demo>"]})
-    if any(not o.skipped for o in outcomes.values()):
-        record_history(root, outcomes)
+    with lease:
+        run = Invocation(root, lease.run_id, wanted)
+        try:
+            run.status("running")
+            root.store.write_text("config.yaml", dump_config(cfg, redacted=True))
+            executor = executor or make_executor(cfg.run.executor, address=cfg.run.ray_address)
+            _run_stages(root, cfg, wanted, executor, lease, run, outcomes)
+            if any(not o.skipped for o in outcomes.values()):
+                run.record(outcomes, "succeeded")
+                run.latest(outcomes)
+            else:
+                run.status("noop")
+        except BaseException as e:
+            run.record(outcomes, "failed", error=f"{type(e).__name__}: {redact(str(e))}")
+            raise
+        finally:
+            run.close()
     return outcomes
-
-
-HISTORY = "history"
-
-
-def record_history(root: RunRoot, outcomes: dict[str, StageOutcome]) -> str:
-    """Keep this invocation's stage results and selection under ``history/<time>-<key>/``.
-
-    A scheduled curation reruns the same root over a grown corpus; the history keeps every run's
-    selection and counts so runs can be listed (``spice-ray runs``) and compared.
-    """
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    last = outcomes[list(outcomes)[-1]].manifest.get("key", "")[:8]
-    entry = f"{HISTORY}/{stamp}-{last}"
-    record = {
-        "finished": datetime.now(UTC).isoformat(),
-        "stages": {
-            name: {"key": o.manifest.get("key"), "skipped": o.skipped, "seconds": o.manifest.get("seconds"), "result": o.manifest.get("result")}
-            for name, o in outcomes.items()
-        },
-    }
-    store = root.store
-    for name in ("selection.parquet", "summary.json"):
-        if "select" in outcomes and store.exists(f"select/{name}"):
-            store.copy(f"select/{name}", f"{entry}/{name}")
-    store.write_text(f"{entry}/run.json", json.dumps(record, indent=2, sort_keys=True, default=str))
-    return store.uri(entry)
 
 
 def list_runs(root: str | Path) -> list[dict[str, Any]]:
@@ -401,33 +397,29 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
     store = Store(str(root))
     if not store.exists(HISTORY):
         return []
-    entries = sorted(i.path for i in store.fs.get_file_info(pafs.FileSelector(store.path(HISTORY))) if i.type == pafs.FileType.Directory)
+    entries = sorted(i.base_name for i in store.fs.get_file_info(pafs.FileSelector(store.path(HISTORY))) if i.type == pafs.FileType.Directory)
     rows = []
-    for entry in entries:
-        name = entry.rsplit("/", 1)[-1]
+    for name in entries:
         if not store.exists(f"{HISTORY}/{name}/run.json"):
             continue
-        stages = json.loads(store.read_text(f"{HISTORY}/{name}/run.json"))["stages"]
-        ingest = (stages.get("ingest") or {}).get("result") or {}
-        sketch = (stages.get("sketch") or {}).get("result") or {}
-        select = (stages.get("select") or {}).get("result") or {}
+        run = resolve(json.loads(store.read_text(f"{HISTORY}/{name}/run.json")), store.uri())
+        stages = run["stages"]
+        result = {s: (stages.get(s) or {}).get("result") or {} for s in STAGES}
+        tuned = next(iter(result["eval"].get("sets", {}).values()), {}).get("tuned", {}) if result["eval"] else {}
         rows.append(
             {
                 "run": name,
-                "records": ingest.get("n_kept"),
-                "quarantined": ingest.get("n_quarantined"),
-                "sketched": sketch.get("n_computed", sketch.get("n_sketches")),
-                "selected": select.get("k_selected"),
-                "method": select.get("method"),
-                "logdet": select.get("logdet"),
-                "mean_conflict": select.get("mean_conflict"),
-                "redone": [stage for stage in STAGES if stage in stages and not stages[stage]["skipped"]],
+                "state": run.get("state", "succeeded"),
+                "records": result["ingest"].get("n_kept"),
+                "quarantined": result["ingest"].get("n_quarantined"),
+                "sketched": result["sketch"].get("n_computed", result["sketch"].get("n_sketches")),
+                "selected": result["select"].get("k_selected"),
+                "method": result["select"].get("method"),
+                "logdet": result["select"].get("logdet"),
+                "mean_conflict": result["select"].get("mean_conflict"),
+                "model": result["train"].get("model"),
+                "eval_loss": tuned.get("loss"),
+                "redone": [s for s in STAGES if s in stages and not stages[s]["skipped"]],
             }
         )
     return rows
-
-
-def _require(root: RunRoot, stage: str, key: str) -> dict[str, Any]:
-    if root.marker_key(stage) != key:
-        raise RuntimeError(f"stage {stage!r} has not finished for this config under {root.uri}; run it first")
-    return root.manifest(stage)["result"]

@@ -26,11 +26,47 @@ def is_remote(uri: str) -> bool:
     return uri.startswith(REMOTE_SCHEMES)
 
 
+S3_CONNECT_TIMEOUT_S = 5.0  # an unreachable endpoint fails in seconds, not minutes
+S3_REQUEST_TIMEOUT_S = 60.0
+S3_ATTEMPTS = 3
+
+
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path inside it for a local path or a remote URI."""
-    if is_remote(uri):
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    """The pyarrow filesystem and the path inside it for a local path or a remote URI. S3 gets a
+    connect timeout of seconds and a bounded number of attempts (unless the URI's query sets its own
+    options)."""
+    if not is_remote(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    fs, path = pafs.FileSystem.from_uri(uri)
+    if isinstance(fs, pafs.S3FileSystem) and "?" not in uri:
+        fs = pafs.S3FileSystem(
+            region=fs.region, connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **_s3_endpoint(),
+        )
+    return fs, path
+
+
+def _s3_endpoint() -> dict[str, str]:
+    """``endpoint_override`` and ``scheme`` from $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL (what
+    ``FileSystem.from_uri`` honours and the constructor does not)."""
+    from urllib.parse import urlsplit
+
+    url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not url:
+        return {}
+    parts = urlsplit(url if "://" in url else f"https://{url}")
+    return {"endpoint_override": parts.netloc + parts.path.rstrip("/"), "scheme": parts.scheme or "https"}
+
+
+class StorageError(RuntimeError):
+    """A run root or input location that cannot be reached or used (one line, fit to show a user)."""
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` without a ``user:secret@`` part or secret query parameters."""
+    from spice_ray.config import redact
+
+    return str(redact(uri))
 
 
 def _check_relative(rel: str) -> str:
@@ -49,11 +85,17 @@ class Store:
     base: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.fs, self.base = resolve_filesystem(self.root)
-        self.base = self.base.rstrip("/")
-        if self.is_local:
-            self.root = self.base
-        self.fs.create_dir(self.base, recursive=True)
+        try:
+            self.fs, self.base = resolve_filesystem(self.root)
+            self.base = self.base.rstrip("/")
+            if self.is_local:
+                self.root = self.base
+            if self.is_local and Path(self.base).exists() and not Path(self.base).is_dir():
+                raise NotADirectoryError(f"{self.base} is a file")
+            self.fs.create_dir(self.base, recursive=True)
+        except (OSError, ValueError) as e:
+            detail = " ".join(str(e).split())[:300]
+            raise StorageError(f"run root {redact_uri(self.root)} cannot be used: {detail}") from None
 
     @property
     def is_local(self) -> bool:

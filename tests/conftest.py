@@ -54,6 +54,21 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def ray_executor(ray_session):
+    """The Ray executor on the session's Ray."""
+    from spice_ray.ray_executor import RayExecutor
+
+    return RayExecutor(verbose=True)
+
+
+@pytest.fixture
+def local_executor():
+    from spice_ray.executor import LocalExecutor
+
+    return LocalExecutor()
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """The built-in tiny Llama (with its tokenizer), materialized once per test session."""
     from spice_ray.models import materialize_builtin

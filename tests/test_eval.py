@@ -81,7 +81,7 @@ def test_loss_sums_match_per_token_cross_entropy_by_hand(tiny_model_dir: Path) -
 
 
 @pytest.mark.slow
-def test_eval_stage_results_match_direct_computation(ray_session, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_eval_stage_results_match_direct_computation(ray_executor, tiny_model_dir: Path, tmp_path: Path) -> None:
     from spice_ray.corpus.tokenize import encode_batch
     from spice_ray.evaluate import RESULTS_FILE, run_eval_stage
     from spice_ray.models import load_causal_lm, load_tokenizer
@@ -95,7 +95,7 @@ def test_eval_stage_results_match_direct_computation(ray_session, tiny_model_dir
 
     cfg = Config(eval=EvalConfig(paths=[str(math_file), str(chat_file)], batch_size=3))
     results = run_eval_stage(
-        cfg, out_dir=str(tmp_path / "eval"), base_model=str(tiny_model_dir), tuned_model=str(tuned),
+        cfg, ray_executor, out_dir=str(tmp_path / "eval"), base_model=str(tiny_model_dir), tuned_model=str(tuned),
         tokenizer_path=str(tiny_model_dir), selection_path=str(tmp_path / "selection.parquet"),
     )
     assert json.loads((tmp_path / "eval" / RESULTS_FILE).read_text()) == results

@@ -77,7 +77,7 @@ def test_sketch_actor_killed_mid_stage_gives_the_same_sketches(reference_run, tm
     _, ref_root, _ = reference_run
     root = tmp_path / "killed"
     cfg = small_config(root)
-    stage_dir = root / "sketch"  # the pool writes its parts below it (sketches.tmp/) before they are published
+    stage_dir = root / "cache"  # each finished batch becomes a part of the sketch cache at once
     seen: dict = {}
 
     def killer() -> None:
@@ -160,7 +160,8 @@ def test_corrupted_sketch_and_selection_are_recomputed(reference_run, caplog):
 def _driver(args: list[str], log: Path) -> subprocess.Popen:
     env = dict(os.environ, SPICE_LOG_LEVEL="INFO", PYTHONUNBUFFERED="1")
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, "-m", "spice_ray", "run", *args], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen([sys.executable, "-m", "spice_ray", "run", "--verbose", *args], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)
 
 
 def _kill_when(proc: subprocess.Popen, condition, log: Path, timeout: float = 300) -> None:
@@ -178,11 +179,17 @@ def _kill_when(proc: subprocess.Popen, condition, log: Path, timeout: float = 30
     pytest.fail(f"kill point not reached in {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def _running_selections() -> list:
+    from ray.util.state import list_tasks
+
+    return list_tasks(address=_state_address(), filters=[("name", "=", "select_to_dir"), ("state", "=", "RUNNING")])
+
+
 def _wait_for_no_selector(timeout: float = 60) -> None:
     deadline = time.time() + timeout
-    while alive_actors("SelectorActor") and time.time() < deadline:
+    while _running_selections() and time.time() < deadline:
         time.sleep(0.2)
-    assert not alive_actors("SelectorActor"), "the selector actor outlived its driver"
+    assert not _running_selections(), "the selection task outlived its driver"
 
 
 def _synthetic_corpus(path: Path, n: int) -> None:
@@ -200,8 +207,8 @@ def _seed_sketch_cache(cfg, root: Path, seed: int = 0) -> int:
     models = RunRoot(root).manifest("models")["result"]
     spec, _ = sketch_spec(cfg, model_path=models["proxy"], tokenizer_path=models["proxy_tokenizer"],
                           model_fingerprint=models["proxy_fingerprint"], state_path=None)
-    parts = Path(cfg.sketch.cache_dir) / spec_hash(spec) / "parts"
-    parts.mkdir(parents=True)
+    from spice_ray.sketch.cache import SketchCache
+
     records = pq.read_table(root / "ingest" / "records.parquet", columns=["uid", "n_tokens"])
     n, d = records.num_rows, cfg.sketch.dim
     G = (np.random.default_rng(seed).standard_normal((n, d)) * 0.1).astype(np.float32)
@@ -213,10 +220,11 @@ def _seed_sketch_cache(cfg, root: Path, seed: int = 0) -> int:
             "loss": pa.array(np.zeros(n, np.float32)),
             "grad_norm": pa.array(np.linalg.norm(G, axis=1).astype(np.float32)),
             "n_tokens": records.column("n_tokens"),
+            "n_loss_tokens": records.column("n_tokens"),
         },
         schema=schema,
     )
-    pq.write_table(table, parts / "seeded.parquet")
+    SketchCache(str(Path(cfg.sketch.cache_dir) / spec_hash(spec))).add(table)
     return n
 
 

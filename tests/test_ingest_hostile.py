@@ -471,3 +471,26 @@ def test_fuzz_hostile_files(seed, tok, tmp_path, monkeypatch):
     assert result.n_in == len(expected)
     for f in result.files:
         assert f["rows"] == f["kept"] + f["quarantined"] == sum(1 for k in expected if k[0] == Path(f["path"]).name)
+
+
+def test_too_long_rows_kept_truncated_when_asked(tmp_path):
+    """corpus.too_long=truncate keeps an over-long row (cut to max_tokens later) when a response
+    token survives the cut, and still quarantines one whose response would be cut off entirely."""
+    from spice_ray.config import CorpusConfig
+    from spice_ray.corpus.ingest import ingest
+    from spice_ray.models import load_tokenizer, materialize_builtin
+
+    tok = load_tokenizer(str(materialize_builtin("builtin:tiny-llama", tmp_path / "tiny")))
+    rows = [
+        {"instruction": "Say hi.", "output": "hi " * 400},  # long response: truncated, kept
+        {"instruction": "word " * 400, "output": "ok"},  # long prompt: the response is cut off
+        {"instruction": "Say yes.", "output": "yes"},
+    ]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    kept = ingest(CorpusConfig(paths=[str(path)], max_tokens=64, too_long="truncate"), tok, tmp_path / "t")
+    assert (kept.n_kept, kept.n_quarantined, kept.n_truncated) == (2, 1, 1) and kept.reasons == {"too_long": 1}
+    n_tokens = pq.read_table(kept.records_path).column("n_tokens").to_pylist()
+    assert max(n_tokens) == 64
+    strict = ingest(CorpusConfig(paths=[str(path)], max_tokens=64), tok, tmp_path / "q")
+    assert (strict.n_kept, strict.reasons) == (1, {"too_long": 2})

@@ -65,7 +65,8 @@ def test_ray_job_submit_then_spice_ray_submit(head_address, tmp_path):
     selection = pq.read_table(root / "select" / "selection.parquet")
     kept = json.loads((root / "ingest" / "manifest.json").read_text())["result"]["n_kept"]
     assert selection.num_rows == round(0.1 * kept)
-    assert (root / "train" / "model" / "config.json").exists()
+    train_dir = json.loads((root / "train" / "manifest.json").read_text())["dir"]
+    assert (root / train_dir / "model" / "config.json").exists()
     mtimes = {p: p.stat().st_mtime_ns for p in root.glob("*/manifest.json")}
 
     # The same run through spice-ray submit: a stable id, a job that finds every stage done.

@@ -132,8 +132,9 @@ def test_smoke_run_on_s3_resumes_and_keeps_every_artifact(s3_env, tmp_path, monk
     selection = pq.read_table(f"{BUCKET}/runs/smoke/select/selection.parquet", filesystem=fs)
     assert selection.num_rows == round(0.1 * ingest["n_kept"])
     assert run.manifest("sketch")["result"]["n_computed"] == ingest["n_kept"]
+    model_dir = run.manifest("train")["dir"] + "/model"  # train/<key>/model: versioned by its inputs
     for name in ("config.json", "model.safetensors"):
-        assert run.store.exists(f"train/model/{name}"), name
+        assert run.store.exists(f"{model_dir}/{name}"), name
     assert [r["selected"] for r in list_runs(root)] == [selection.num_rows] * 2  # two runs did work
 
 
@@ -160,3 +161,43 @@ def test_ensure_local_follows_remote_changes(s3_env, tmp_path, monkeypatch):
     assert (whole / "a.json").read_text() == '{"v": 22}'
     with pytest.raises(FileNotFoundError):
         ensure_local(f"s3://{BUCKET}/missing", tmp_path)
+
+
+def test_weekly_drill_and_one_writer_on_s3(s3_env, tmp_path, monkeypatch):
+    """The scheduled-curation drill of tests/test_curation.py on an s3:// root (the local executor:
+    the storage rules are what is tested): week 2 over a grown corpus trains afresh into its own
+    model directory, week 3 with nothing new does nothing, a live lease in the bucket stops a second
+    writer at once (exit 3), and a stale one is taken over."""
+    env_s3, fs = s3_env
+    for name, value in env_s3.items():
+        monkeypatch.setenv(name, value)
+    write_demo_corpus(tmp_path / "corpus", n=120, seed=5)
+    pafs.copy_files(str(tmp_path / "corpus"), f"{BUCKET}/weekly/corpus", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    root = f"s3://{BUCKET}/weekly/root"
+    sets = [f"run.root={root}", f"corpus.paths=[s3://{BUCKET}/weekly/corpus]", "train.max_steps=2", "train.num_workers=1",
+            "--executor", "local"]
+    args = [arg for s in sets for arg in (("--set", s) if "=" in s else (s,))]
+    env = {**os.environ, **env_s3, "SPICE_CACHE": str(tmp_path / "node")}
+    spice_ray_run(args, env)
+    run = RunRoot(root)
+    week1 = run.manifest("train")
+    with fs.open_output_stream(f"{BUCKET}/weekly/corpus/new.jsonl") as f:
+        f.write("".join(json.dumps({"instruction": f"Spell {i} backwards.", "output": str(i)[::-1] + "."}) + "\n" for i in range(1000, 1012)).encode())
+    second = spice_ray_run(args, env)
+    week2 = run.manifest("train")
+    assert "train: done" in second and week2["result"]["resumed_from_step"] is None
+    assert week2["dir"] != week1["dir"] and run.store.exists(f"{week1['dir']}/model/model.safetensors")
+    third = spice_ray_run(args, env)
+    assert all(f"{stage}: finished earlier, skipped" in third for stage in STAGES), third[-3000:]
+    assert json.loads(run.store.read_text("status.json"))["state"] == "noop"
+    assert [r["state"] for r in list_runs(root)] == ["succeeded", "succeeded"]
+
+    lease = {"run_id": "other", "host": "another-host", "pid": 1, "heartbeat": time.time(), "ttl": 120}
+    run.store.write_text("_lease.json", json.dumps(lease))
+    t0 = time.time()
+    held = subprocess.run([str(BIN / "spice-ray"), "run", "--config", "jobs/smoke.yaml", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert held.returncode == 3 and "is held by run other" in held.stdout + held.stderr and time.time() - t0 < 60
+    run.store.write_text("_lease.json", json.dumps(lease | {"heartbeat": time.time() - 600}))
+    taken = spice_ray_run(args, env)
+    assert "taking over the lease of run other" in taken and not run.store.exists("_lease.json")

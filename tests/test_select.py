@@ -274,9 +274,9 @@ def test_read_sketches_sorts_and_handles_list_types(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_selector_actor_matches_direct_select(ray_session, tmp_path) -> None:
+def test_selector_task_matches_direct_select(ray_executor, tmp_path) -> None:
     from spice_ray.config import SelectConfig
-    from spice_ray.select.actor import run_select_stage
+    from spice_ray.select.job import run_select_stage
 
     rng = np.random.default_rng(1)
     n = 120
@@ -289,7 +289,7 @@ def test_selector_actor_matches_direct_select(ray_session, tmp_path) -> None:
     cfg = SelectConfig(method="spice", fraction=0.1, lam=0.5)
     out = tmp_path / "selection"
 
-    summary = run_select_stage(str(sketches), str(out), cfg)
+    summary = run_select_stage(str(sketches), str(out), cfg, ray_executor)
 
     order = np.argsort(uids)
     direct = select(G[order], cfg.budget(n), method="spice", alpha=cfg.alpha, lam=cfg.lam)

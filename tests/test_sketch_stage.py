@@ -36,10 +36,13 @@ def write_records(path, n=24, shuffle_seed: int | None = None):
     return path
 
 
-def sketch(cfg_overrides, records, out, **kwargs):
+def sketch(cfg_overrides, records, out, executor=None, **kwargs):
+    from spice_ray.ray_executor import RayExecutor
+
     cfg = load_config(None, ["sketch.dim=64", "sketch.batch_size=4", "sketch.max_tokens_per_batch=256", *cfg_overrides])
     model = str(kwargs.pop("model"))
-    result = run_sketch_stage(cfg, records_path=str(records), model_path=model, tokenizer_path=model, out_dir=str(out), **kwargs)
+    result = run_sketch_stage(cfg, executor or RayExecutor(), records_path=str(records), model_path=model, tokenizer_path=model,
+                              out_dir=str(out), **kwargs)
     uids, sketches = read_sketches(str(out / "sketches"))
     return result, uids, sketches
 
@@ -75,8 +78,11 @@ def test_cache_grown_corpus_worker_counts_and_order(ray_session, tiny_model_dir,
     np.testing.assert_allclose(np.stack(direct.column("sketch").to_numpy(zero_copy_only=False)), s2, rtol=1e-4, atol=1e-6)
 
     # two runs that appended the same uids concurrently leave duplicates: the output keeps one row each
-    parts = sorted((cache / r1["spec_hash"] / "parts").glob("*.parquet"))
-    (parts[0].parent / ("dup-" + parts[0].name)).write_bytes(parts[0].read_bytes())
+    from spice_ray.sketch.cache import SketchCache
+
+    spec_cache = SketchCache(str(cache / r1["spec_hash"]))
+    first = pq.read_table(sorted((cache / r1["spec_hash"] / "parts").glob("*.parquet"))[0])
+    spec_cache.add(first.slice(0, 2).replace_schema_metadata({"copy": "1"}))  # same uids, other bytes
     r3, u3, s3 = sketch(["sketch.fidelity_sample=0"], small, tmp_path / "run3", model=tiny_model_dir, cache_dir=str(cache))
     assert (r3["n_cached"], r3["n_computed"]) == (16, 0)
     assert u3.tolist() == u1.tolist()

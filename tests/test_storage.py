@@ -40,15 +40,28 @@ def test_redact_masks_credentials():
     assert out["n"] == 3 and out["paths"][1] == "/plain/path" and out["root"].endswith("@bucket/run")
 
 
-def test_saved_config_and_manifest_are_redacted(tmp_path):
+def test_credentials_in_a_uri_are_refused_and_written_nowhere(tmp_path):
+    """A secret in a URI stops the run before anything is written, with one line that does not
+    repeat it; the redacted config.yaml of a run still masks secret-named keys."""
+    from typer.testing import CliRunner
+
+    from spice_ray.cli import app
+    from spice_ray.config import ConfigError, redact
+
     root = tmp_path / "run"
-    cfg = load_config(None, [f"run.root={root}", "corpus.demo_size=20", "run.ray_address=http://me:hunter2@127.0.0.1:1"])
+    cases = (("run.ray_address", "http://me:hunter2@127.0.0.1:1"), ("corpus.paths", "[s3://AKIA:hunter2@bucket/c]"),
+             ("model.proxy", "s3://b/m?token=hunter2"))
+    for key, value in cases:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"run.root={root}", f"{key}={value}"])
+        assert "hunter2" not in str(err.value) and key in str(err.value)
+    result = CliRunner().invoke(app, ["run", "--root", str(root), "--set", "corpus.paths=[s3://AKIA:hunter2@bucket/c]"])
+    assert result.exit_code == 2 and "hunter2" not in result.output and len(result.output.strip().splitlines()) <= 3
+    assert not root.exists()
+    cfg = load_config(None, [f"run.root={root}", "corpus.demo_size=20"])
     run_pipeline(cfg, stages=["ingest"])  # models + ingest: no Ray needed
-    saved = (root / "config.yaml").read_text()
-    manifest = (root / "ingest" / "manifest.json").read_text()
-    assert "hunter2" not in saved and "hunter2" not in manifest
-    assert yaml.safe_load(saved)["run"]["ray_address"] == "http://***@127.0.0.1:1"
     assert '"trust_remote_code": false' in (root / "models" / "manifest.json").read_text()
+    assert redact({"hf_token": "hunter2", "tokenizer": "path/tok"}) == {"hf_token": "***", "tokenizer": "path/tok"}
 
 
 def test_corrupted_artifact_is_detected_and_recomputed(tmp_path, caplog):

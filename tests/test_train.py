@@ -77,14 +77,20 @@ def test_deepspeed_config(stage: int, use_gpu: bool) -> None:
         deepspeed_config(cfg, world_size=0, use_gpu=False)
 
 
-def test_select_and_tokenize_udf(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from spice_ray.train.trainer import SelectAndTokenize
+def test_training_rows_are_the_selection_tokenized_in_seeded_order(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from spice_ray.models import load_tokenizer
+    from spice_ray.train.trainer import tokenize_selection, training_rows
 
     rows = _records(10)
-    table = pa.Table.from_pylist(rows).select(["uid", "messages"])
+    tok = load_tokenizer(str(tiny_model_dir))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "records.parquet")
     wanted = {rows[1]["uid"], rows[4]["uid"], rows[7]["uid"]}
-    udf = SelectAndTokenize(str(tiny_model_dir), wanted, max_tokens=1024)
-    out = udf(table)
+    pq.write_table(pa.table({"uid": sorted(wanted)}), tmp_path / "selection.parquet")
+    out, n_selected = training_rows(str(tmp_path / "records.parquet"), str(tmp_path / "selection.parquet"), tok, max_tokens=1024, seed=0)
+    again, _ = training_rows(str(tmp_path / "records.parquet"), str(tmp_path / "selection.parquet"), tok, max_tokens=1024, seed=0)
+    other, _ = training_rows(str(tmp_path / "records.parquet"), str(tmp_path / "selection.parquet"), tok, max_tokens=1024, seed=5)
+    assert n_selected == 3 and out.equals(again)
+    assert sorted(other.column("uid").to_pylist()) == sorted(out.column("uid").to_pylist())
     assert out.column_names == ["uid", "input_ids", "labels", "n_tokens"]
     assert set(out.column("uid").to_pylist()) == wanted
     for ids, labels, n in zip(*(out.column(c).to_pylist() for c in ("input_ids", "labels", "n_tokens"))):
@@ -92,8 +98,8 @@ def test_select_and_tokenize_udf(tiny_model_dir: Path, tmp_path: Path) -> None:
         assert labels[0] == -100  # the prompt is masked
         assert any(label != -100 for label in labels)
     # a max_tokens that cuts every response off leaves no trainable row
-    assert SelectAndTokenize(str(tiny_model_dir), wanted, max_tokens=3)(table).num_rows == 0
-    assert udf(table.slice(0, 0)).num_rows == 0
+    table = pa.Table.from_pylist(rows).select(["uid", "messages"])
+    assert tokenize_selection(table, tok, max_tokens=3).num_rows == 0
 
 
 # ------------------------------------------------------------------------------- Ray + DeepSpeed
@@ -119,7 +125,7 @@ def _cfg(max_steps: int | None = None, **train) -> Config:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_train_lora_zero2_killed_worker_resumes_then_rerun_resumes(ray_session, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_train_lora_zero2_killed_worker_resumes_then_rerun_resumes(ray_executor, tiny_model_dir: Path, tmp_path: Path) -> None:
     """ZeRO-2 + LoRA, 2 workers, 16 steps. Rank 1's process is SIGKILLed after the first checkpoint
     (step 4); FailureConfig(max_failures=1) restarts the worker group, which resumes from the latest
     checkpoint and ends at the same 16 steps with each step in the history once. Then checkpoint
@@ -137,7 +143,7 @@ def test_train_lora_zero2_killed_worker_resumes_then_rerun_resumes(ray_session, 
 
     # ---- first run: 32 rows / 2 workers / micro-batch 2 = 8 steps per epoch, 2 epochs; killed once
     summary = run_train_stage(
-        cfg, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(out_dir),
+        cfg, ray_executor, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(out_dir),
         callbacks=[KillWorkerAfterCheckpoint(rank=1, after=1)],
     )
     assert summary["planned_steps"] == 16
@@ -195,7 +201,7 @@ def test_train_lora_zero2_killed_worker_resumes_then_rerun_resumes(ray_session, 
     # ---- rerun, same storage, 3 epochs: resumes at step 16 and runs steps 17..24
     cfg3 = _cfg(epochs=3, checkpoint_every=4, keep_checkpoints=2)
     summary2 = run_train_stage(
-        cfg3, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(out_dir)
+        cfg3, ray_executor, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(out_dir)
     )
     assert summary2["resumed_from_step"] == 16
     assert summary2["steps"] == 24 and summary2["epoch"] == 2
@@ -208,14 +214,14 @@ def test_train_lora_zero2_killed_worker_resumes_then_rerun_resumes(ray_session, 
     exported2 = AutoModelForCausalLM.from_pretrained(export)
     assert not torch.equal(exported2.state_dict()[q], exported.state_dict()[q])
     # keep_checkpoints=2: only the two latest checkpoints (steps 20 and 24) are left
-    run_dir = out_dir / "ray_train" / "train"
+    run_dir = out_dir / "checkpoints" / "ray_train"
     kept = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
     assert sorted(json.loads((p / "train_state.json").read_text())["step"] for p in kept) == [20, 24]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_train_full_finetune_zero2_equals_zero3(ray_session, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_train_full_finetune_zero2_equals_zero3(ray_executor, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Full fine-tuning (no LoRA): ZeRO-2 (rank 0 holds the weights) and the ZeRO-3 preset (weights
     gathered from the shards at export; with gradient checkpointing) train the same model; both
     exports are plain HF checkpoints with every weight moved."""
@@ -232,7 +238,7 @@ def test_train_full_finetune_zero2_equals_zero3(ray_session, tiny_model_dir: Pat
     for stage, zero_stage, checkpointing in ((2, 2, False), (3, None, True)):
         cfg = _cfg(max_steps=3, zero_stage=zero_stage, lora=False, gradient_checkpointing=checkpointing)
         summary = run_train_stage(
-            cfg, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(tmp_path / f"zero{stage}")
+            cfg, ray_executor, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(tmp_path / f"zero{stage}")
         )
         assert summary["zero_stage"] == stage  # zero_stage: null + full fine-tuning -> ZeRO-3
         assert summary["steps"] == 3 and math.isfinite(summary["loss"])
@@ -251,7 +257,7 @@ def test_train_full_finetune_zero2_equals_zero3(ray_session, tiny_model_dir: Pat
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_uneven_shards_do_not_hang_zero3_lora(ray_session, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_uneven_shards_do_not_hang_zero3_lora(ray_executor, tiny_model_dir: Path, tmp_path: Path) -> None:
     """Rank 0 gets 20 rows and rank 1 gets 12 (not Ray Train's equal split). ZeRO-3 gathers weights
     in every forward, so a rank that ran more micro-batches than the other would wait forever; the
     loop's MIN all-reduce per window runs 6 micro-batches on both and drops rank 0's other 8 rows.
@@ -266,7 +272,7 @@ def test_uneven_shards_do_not_hang_zero3_lora(ray_session, tiny_model_dir: Path,
     records, selection, _ = _write_inputs(tmp_path)
     cfg = _cfg(zero_stage=3, lora=True, grad_accum=2, length_window=2, checkpoint_every=100)
     summary = run_train_stage(
-        cfg, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(tmp_path / "uneven"),
+        cfg, ray_executor, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(tmp_path / "uneven"),
         data_config=UnevenShards([20]),
     )
     # windows of 4 rows: rank 0 has 5, rank 1 has 3 -> 3 windows x 2 micro-batches = 6 = 3 steps
@@ -282,33 +288,38 @@ def test_uneven_shards_do_not_hang_zero3_lora(ray_session, tiny_model_dir: Path,
 
 
 def _tokenized_table(tiny_model_dir: Path, n: int = 24):
-    from spice_ray.train.trainer import SelectAndTokenize
+    from spice_ray.models import load_tokenizer
+    from spice_ray.train.trainer import tokenize_selection
 
-    rows = _records(n)
-    table = pa.Table.from_pylist(rows).select(["uid", "messages"])
-    return SelectAndTokenize(str(tiny_model_dir), {r["uid"] for r in rows}, max_tokens=1024)(table)
+    table = pa.Table.from_pylist(_records(n)).select(["uid", "messages"])
+    return tokenize_selection(table, load_tokenizer(str(tiny_model_dir)), max_tokens=1024)
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["torch", pytest.param("deepspeed", marks=[pytest.mark.slow, pytest.mark.deepspeed])])
 @pytest.mark.timeout(300)
-def test_local_session_loop_checkpoints_and_resumes(tiny_model_dir: Path, tmp_path: Path) -> None:
-    """``run_loop`` in this process (gloo, world size 1; what benchmarks/train_overhead.py times):
-    3 steps with a checkpoint at 2, then a second call that resumes at 3 and runs to 5."""
+def test_local_session_loop_checkpoints_and_resumes(tiny_model_dir: Path, tmp_path: Path, engine: str) -> None:
+    """``run_loop`` in this process (world size 1; DeepSpeed under gloo): 3 steps with a checkpoint
+    at 2, then a second call that resumes at 3 and runs to 5 — the same steps as one run of 5."""
+    import contextlib
+
     from spice_ray.train.loop import LocalSession, local_process_group, run_loop
     from spice_ray.train.trainer import loop_config
 
     table = _tokenized_table(tiny_model_dir)
-    with local_process_group(tmp_path / "pg"):
+    group = local_process_group(tmp_path / "pg") if engine == "deepspeed" else contextlib.nullcontext()
+    with group:
         results = []
         for max_steps in (3, 5):
-            cfg = _cfg(max_steps=max_steps, num_workers=1, micro_batch_size=4, gradient_checkpointing=True)
+            cfg = _cfg(max_steps=max_steps, num_workers=1, micro_batch_size=4, gradient_checkpointing=True, engine=engine)
             config = loop_config(
                 cfg, model_path=str(tiny_model_dir), tokenizer_path=str(tiny_model_dir),
-                export_dir=str(tmp_path / "model"), use_gpu=False, pad_id=0, total_steps=max_steps,
+                export_dir=str(tmp_path / "model"), use_gpu=False, pad_id=0, total_steps=5,  # one schedule: 3 steps, then resume to 5
             )
             session = LocalSession(table, tmp_path / "ckpt", keep=2)
             results.append(run_loop(config, session))
+        straight = run_loop(dict(config, export_dir=str(tmp_path / "model-straight")), LocalSession(table, tmp_path / "ckpt-straight", keep=2))
     first, second = results
+    assert [m["loss"] for m in second["history"]] == pytest.approx([m["loss"] for m in straight["history"]], rel=1e-6)
     assert first["resumed_from_step"] is None and [m["step"] for m in first["history"]] == [1, 2, 3]
     assert second["resumed_from_step"] == 3 and [m["step"] for m in second["history"]] == [1, 2, 3, 4, 5]
     assert second["history"][:3] == first["history"]
@@ -316,6 +327,10 @@ def test_local_session_loop_checkpoints_and_resumes(tiny_model_dir: Path, tmp_pa
     assert 0 <= first["padding_fraction"] < 1
     assert len(list((tmp_path / "ckpt").glob("checkpoint_*"))) == 2
     assert (tmp_path / "model" / "model.safetensors").exists()
+    assert first["engine"] == second["engine"] == engine
+    if engine == "torch":  # its checkpoints are safetensors + JSON: nothing to unpickle
+        files = {p.name for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
+        assert files == {"train_state.json", "engine_state.json", "trainable.safetensors", "optimizer.safetensors"}
 
 
 # ------------------------------------------------------------------------------------ unit: parts
@@ -435,7 +450,7 @@ def test_unregistered_checkpoints_are_pruned(tmp_path: Path) -> None:
     registered (so outside keep_checkpoints); the train stage removes those after the run."""
     from types import SimpleNamespace
 
-    from spice_ray.train.trainer import _prune_unregistered_checkpoints
+    from spice_ray.ray_executor import prune_unregistered_checkpoints as _prune_unregistered_checkpoints
 
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
         (tmp_path / name).mkdir()
@@ -445,3 +460,22 @@ def test_unregistered_checkpoints_are_pruned(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_b", "checkpoint_c", "other"]
     _prune_unregistered_checkpoints(str(tmp_path), SimpleNamespace(best_checkpoints=[]))  # nothing known: keep all
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def test_stale_extension_lock_is_removed_and_a_fresh_one_named(tmp_path: Path, caplog) -> None:
+    import os
+    import time
+
+    from spice_ray.train.loop import clear_stale_extension_locks
+
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "cpu_adam").mkdir()
+    stale, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    stale.write_text("")
+    fresh.write_text("")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    with caplog.at_level("WARNING"):
+        assert clear_stale_extension_locks(str(tmp_path)) == [str(stale)]
+    assert not stale.exists() and fresh.exists()
+    assert str(fresh) in caplog.text and "waiting for that build" in caplog.text

@@ -56,8 +56,10 @@ deep) quarantines that row only. Quarantine reasons: ``binary_file``, ``unreadab
 NUL bytes), ``invalid_utf8``, ``invalid_json``, ``unreadable_row`` (a Parquet row Python cannot
 represent), ``not_object``, every :class:`~spice_ray.corpus.formats.RowError` reason,
 ``template_error`` (the chat template refused the chat), ``too_long`` (more than ``max_tokens``
-tokens, or a row over ``MAX_ROW_BYTES`` bytes, rejected before it is parsed; such a line is never
-held in memory whole), ``duplicate`` (same uid as an already kept row; ``detail`` names that row's
+tokens — with ``corpus.too_long=truncate`` only when no response token is left within
+``max_tokens``, else the row is kept and later cut to ``max_tokens`` — or a row over
+``MAX_ROW_BYTES`` bytes, rejected before it is parsed; such a line is never held in memory whole),
+``duplicate`` (same uid as an already kept row; ``detail`` names that row's
 ``file:line``) and ``duplicate_id`` (the same explicit record ``id`` as an already kept row but other
 content; ``detail`` names that row's ``file:line``). Quarantine rows appear in the order decisions are
 made (deterministic, not sorted).
@@ -73,8 +75,8 @@ Output, written atomically (temporary name, then ``os.replace``) into ``out_dir`
 
 - ``records.parquet``: ``uid`` string (sha256 of the canonical messages), ``source`` string (the row's
   ``source`` field when a non-empty string, else the file name without its corpus suffix), ``messages``
-  list<struct<role: string, content: string>>, ``n_tokens`` int32 (full chat template, no
-  truncation), ``file`` string, ``line`` int64, ``id`` string (the row's record id, null when it has
+  list<struct<role: string, content: string>>, ``n_tokens`` int32 (full chat template;
+  ``max_tokens`` for a row kept truncated), ``file`` string, ``line`` int64, ``id`` string (the row's record id, null when it has
   none); rows in input order.
 - ``quarantine.parquet``: ``file`` string, ``line`` int64, ``reason`` string, ``detail`` string,
   ``raw`` string (the input text, truncated to ``RAW_LIMIT`` characters; for column-oriented and
@@ -112,7 +114,7 @@ import pyarrow.parquet as pq
 from spice_ray.config import CorpusConfig
 from spice_ray.corpus.demo import write_demo_corpus
 from spice_ray.corpus.formats import ROW_FIELDS, RowError, canonical_json, normalize_row
-from spice_ray.corpus.tokenize import EncodeError, count_text_tokens, render_text
+from spice_ray.corpus.tokenize import EncodeError, count_text_tokens, encode, render_text
 from spice_ray.storage import ensure_local, is_remote
 
 logger = logging.getLogger(__name__)
@@ -169,6 +171,7 @@ class IngestResult:
     n_in: int
     n_kept: int
     n_quarantined: int
+    n_truncated: int
     reasons: dict[str, int]
     sources: dict[str, int]
     files: list[dict[str, Any]]
@@ -1126,6 +1129,7 @@ class _Ingest:
         self.reasons: Counter[str] = Counter()
         self.sources: Counter[str] = Counter()
         self.n_in = 0
+        self.n_truncated = 0
 
     def quarantine(self, file_index: int, item: _Item, reason: str, detail: str, source: str) -> None:
         raw, raw_bytes = item.raw_text()
@@ -1167,15 +1171,28 @@ class _Ingest:
             if len(self.pending) >= TOKENIZE_BATCH:
                 self.flush()
 
+    def _truncates(self, p: _Pending) -> bool:
+        """``corpus.too_long=truncate``: keep an over-long row when a response token survives the cut."""
+        if self.cfg.too_long != "truncate":
+            return False
+        try:
+            return encode(self.tokenizer, p.messages, max_tokens=self.cfg.max_tokens, loss_on="response").n_loss_tokens > 0
+        except EncodeError:
+            return False
+
     def flush(self) -> None:
-        """Count tokens of the pending rows in one call; keep, or quarantine as too_long / duplicate."""
+        """Count tokens of the pending rows in one call; keep (truncated when ``too_long=truncate``), or
+        quarantine as too_long / duplicate."""
         if not self.pending:
             return
         counts = count_text_tokens(self.tokenizer, [p.text for p in self.pending])
         for p, n_tokens in zip(self.pending, counts):
             if n_tokens > self.cfg.max_tokens:
-                self.quarantine(p.file_index, p.item, "too_long", f"{n_tokens} tokens > max_tokens {self.cfg.max_tokens}", p.source)
-                continue
+                if not self._truncates(p):
+                    self.quarantine(p.file_index, p.item, "too_long", f"{n_tokens} tokens > max_tokens {self.cfg.max_tokens}", p.source)
+                    continue
+                n_tokens = self.cfg.max_tokens
+                self.n_truncated += 1
             key = bytes.fromhex(p.uid)
             first = self.kept_at.get(key)
             if first is not None:
@@ -1253,6 +1270,7 @@ def ingest(
         n_in=run.n_in,
         n_kept=n_kept,
         n_quarantined=n_quarantined,
+        n_truncated=run.n_truncated,
         reasons=dict(sorted(run.reasons.items())),
         sources=dict(sorted(run.sources.items())),
         files=[asdict(f) for f in run.files],

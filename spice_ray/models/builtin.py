@@ -8,6 +8,9 @@ path as a real checkpoint, so all of them see identical weights.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -86,15 +89,25 @@ def _tokenizer_texts() -> list[str]:
     return [text for row in generate_demo_corpus(n=600, seed=0) for text in strings(row)]
 
 
+PRETRAINED = "-pretrained"
+
+
 def materialize_builtin(name: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """Write built-in model ``name`` ('builtin:tiny-llama' or 'tiny-llama') to ``out_dir``."""
+    """Write built-in model ``name`` ('builtin:tiny-llama', 'tiny-llama', 'tiny-llama-pretrained', ...)
+    to ``out_dir`` (written whole under a temporary name of its own, then renamed)."""
     key = name.removeprefix(BUILTIN_PREFIX)
-    if key not in BUILTIN_CONFIGS:
-        raise ValueError(f"unknown built-in model {name!r}; known: {sorted(BUILTIN_CONFIGS)}")
+    base = key.removesuffix(PRETRAINED)
+    if base not in BUILTIN_CONFIGS:
+        known = sorted([*BUILTIN_CONFIGS, *(k + PRETRAINED for k in BUILTIN_CONFIGS)])
+        raise ValueError(f"unknown built-in model {name!r}; known: {known}")
+    if key != base:
+        from spice_ray.models.pretrain import materialize_pretrained_builtin
+
+        return materialize_pretrained_builtin(base, out_dir, seed=seed)
     out = Path(out_dir)
     if (out / "config.json").exists() and (out / "model.safetensors").exists():
         return out
-    config_cls, model_cls = BUILTIN_CONFIGS[key]
+    config_cls, model_cls = BUILTIN_CONFIGS[base]
     tokenizer = train_tokenizer(_tokenizer_texts())
     config = config_cls(
         vocab_size=len(tokenizer),
@@ -105,8 +118,12 @@ def materialize_builtin(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     )
     torch.manual_seed(seed)
     model = model_cls(config)
-    tmp = out.with_name(out.name + ".tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # unique per writer
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another writer finished first: theirs is the same model
+        shutil.rmtree(tmp, ignore_errors=True)
     return out

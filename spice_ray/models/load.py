@@ -74,3 +74,21 @@ def model_fingerprint(path_or_id: str) -> str:
                 for chunk in iter(lambda: fh.read(1 << 20), b""):
                     h.update(chunk)
     return h.hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def tokenizer_fingerprint(path_or_id: str) -> str:
+    """sha256 over a tokenizer's files (what ingest's token counts depend on); the id for a hub id."""
+    path = Path(ensure_local(path_or_id))
+    h = hashlib.sha256()
+    if not path.is_dir():
+        h.update(path_or_id.encode())
+        return h.hexdigest()
+    for name in TOKENIZER_FILES:
+        f = path / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()

@@ -221,7 +221,9 @@ def load_run(run_root: str | Path) -> RunArtifacts:
             info.error = err
             errors.append(f"{name}/{err}")
         elif isinstance(manifest, dict):
-            info.manifest = manifest
+            from spice_ray.pipeline import resolve
+
+            info.manifest = resolve(manifest, str(root))
         stages[name] = info
 
     config: dict[str, Any] = {}

@@ -1,9 +1,6 @@
-"""The selector as Ray actors: :class:`SelectorActor` runs :func:`~spice_ray.select.job.select_to_dir`
-where the sketches are loaded, so the driver never holds them (a GPU eager pass when it has one).
-
-With ``select.shards > 1`` (see :func:`run_select_stage`) the greedy runs over shard actors instead
-(:mod:`spice_ray.select.sharded`), each reading its own slice; the driver writes the outputs.
-"""
+"""The selection over Ray shard actors (``select.shards > 1``, :mod:`spice_ray.select.sharded`): each
+actor reads its own slice of the sketches; the driver reduces their best and writes the outputs.
+One worker's selection is :func:`spice_ray.select.job.run_select_stage` through the executor."""
 
 from __future__ import annotations
 
@@ -11,48 +8,15 @@ import logging
 import time
 from typing import Any
 
-import ray
-
 from spice_ray.config import SelectConfig
-from spice_ray.select.job import checkpoint_dir, select_to_dir, write_selection
+from spice_ray.select.job import checkpoint_dir, write_selection
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SelectorActor", "run_select_stage"]
+__all__ = ["run_sharded"]
 
 
-@ray.remote
-class SelectorActor:
-    """One actor that loads all sketches into memory and runs the selection (GPU eager if it has one)."""
-
-    def run(self, sketches_path: str, out_dir: str, cfg: dict[str, Any]) -> dict[str, Any]:
-        """Select from ``sketches_path`` into ``out_dir`` with ``cfg`` (a SelectConfig as a dict)."""
-        logging.basicConfig(level=logging.INFO)
-        config = SelectConfig(**cfg)
-        device = config.device
-        if device is None:
-            device = "cuda" if ray.get_gpu_ids() else "numpy"
-        return select_to_dir(sketches_path, out_dir, config, device=device)
-
-
-def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[str, Any]:
-    """Run the selection in a :class:`SelectorActor` (or ``shards`` shard actors); return its summary.
-
-    Ray must already be initialized (or ``ray.init`` is called implicitly with the defaults).
-    """
-    shards = cfg.shards
-    if shards > 1 and cfg.method in ("spice", "logdet"):
-        return _run_sharded(sketches_path, out_dir, cfg, shards)
-    if shards > 1:
-        log.warning("shards=%d is only used by spice/logdet; running %s in one actor", shards, cfg.method)
-    actor = SelectorActor.options(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus).remote()
-    try:
-        return ray.get(actor.run.remote(str(sketches_path), str(out_dir), cfg.model_dump()))
-    finally:
-        ray.kill(actor)
-
-
-def _run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, shards: int) -> dict[str, Any]:
+def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[str, Any]:
     from spice_ray.select.io import read_sketch_uids
     from spice_ray.select.sharded import select_sharded
 
@@ -61,7 +25,7 @@ def _run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, shards: in
     sel, uids = select_sharded(
         str(sketches_path),
         cfg.budget(n),
-        n_shards=shards,
+        n_shards=cfg.shards,
         method=cfg.method,
         alpha=cfg.alpha,
         lam=cfg.lam,

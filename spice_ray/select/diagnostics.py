@@ -130,3 +130,57 @@ def diagnose(
         "curvature": curvature(rows, alpha),
     }
     return eps, bound, summary
+
+
+PAPER = {"conflict_gain_spearman": -0.79, "gain_halving_step": "10–30"}
+
+
+def candidate_scores(G: np.ndarray, picked: np.ndarray, alpha: float, block: int = 1 << 15) -> dict[str, np.ndarray]:
+    """For every row of ``G`` against the set ``picked``: gain Δ_i(S), base b_i, ε_i = Δ_i − b_i and
+    conflict c_i(S) = max(0, −cos(g_i, ḡ_S)) (0 when S is empty), in float64."""
+    S = np.asarray(G[np.asarray(picked, dtype=np.int64)], dtype=np.float64)
+    d = G.shape[1]
+    M = np.eye(d) + alpha * (S.T @ S)
+    Minv = np.linalg.inv(M)
+    mean = S.mean(axis=0) if len(S) else np.zeros(d)
+    m_norm = float(np.linalg.norm(mean))
+    out = {name: np.zeros(G.shape[0]) for name in ("gain", "base", "eps", "conflict")}
+    for a in range(0, G.shape[0], block):
+        X = np.asarray(G[a : a + block], dtype=np.float64)
+        q = np.einsum("ij,ij->i", X @ Minv, X)
+        norm_sq = np.einsum("ij,ij->i", X, X)
+        gain, base = np.log1p(alpha * q), np.log1p(alpha * norm_sq)
+        cos = np.zeros(len(X))
+        if m_norm > 0:
+            norms = np.sqrt(norm_sq)
+            np.divide(X @ mean, norms * m_norm, out=cos, where=norms > 0)
+        out["gain"][a : a + block], out["base"][a : a + block] = gain, base
+        out["eps"][a : a + block], out["conflict"][a : a + block] = gain - base, np.maximum(0.0, -cos)
+    return out
+
+
+def candidate_diagnostics(G: np.ndarray, picks: np.ndarray, gains: np.ndarray, alpha: float, steps: list[int] | None = None) -> dict[str, Any]:
+    """The paper's diagnostics, over all candidates not yet picked at chosen steps t:
+    Spearman ρ(c_i, Δ_i) and ρ(c_i, |ε_i|), and the first step whose gain is at most half the first
+    gain. ``steps`` default: 1, k/10, k/4, k/2 and k−1 (the distinct ones in 1..k−1)."""
+    picks = np.asarray(picks, dtype=np.int64)
+    k = len(picks)
+    if steps is None:
+        steps = sorted({t for t in (1, k // 10, k // 4, k // 2, k - 1) if 1 <= t < k})
+    per_step = []
+    for t in steps:
+        scores = candidate_scores(G, picks[:t], alpha)
+        free = np.ones(G.shape[0], dtype=bool)
+        free[picks[:t]] = False
+        c, gain, eps = scores["conflict"][free], scores["gain"][free], np.abs(scores["eps"][free])
+        per_step.append({"step": int(t), "candidates": int(free.sum()), "rho_conflict_gain": spearman(c, gain),
+                         "rho_conflict_abs_eps": spearman(c, eps), "mean_conflict": float(c.mean()) if c.size else None})
+    gains = np.asarray(gains, dtype=np.float64)
+    halved = np.flatnonzero(gains <= gains[0] / 2) if len(gains) and gains[0] > 0 else np.zeros(0, dtype=np.int64)
+    rhos = [s["rho_conflict_gain"] for s in per_step if s["rho_conflict_gain"] is not None]
+    return {
+        "candidate_steps": per_step,
+        "rho_conflict_gain": float(np.mean(rhos)) if rhos else None,
+        "gain_halving_step": int(halved[0]) if halved.size else None,
+        "paper": dict(PAPER),
+    }

@@ -15,6 +15,7 @@ resumed runs make identical picks. Progress can be checkpointed (the picks so fa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -25,7 +26,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from spice_ray.select.checkpoint import PickCheckpoint, fingerprint_data
+from spice_ray.select.device_engine import DeviceGreedy
 from spice_ray.select.diagnostics import diagnose
+from spice_ray.select.quota import QuotaShards, fixed_order_with_quotas, group_rows, quota_counts
 from spice_ray.select.shard import CandidateShard, _resolve_device, row_norms_sq
 from spice_ray.select.state import SelectedState, Winner
 
@@ -231,6 +234,23 @@ def run_greedy(
     return False
 
 
+def run_device_greedy(
+    engine: DeviceGreedy, steps: int, *, omega: float | None, rec: Recorder, forced: list[int]
+) -> bool:
+    """:func:`run_greedy` for the block engine (its picks come out verified, a block at a time).
+
+    ``forced``: picks to replay first, consumed from the front; returns True if stopped early by ω
+    (the rest of the engine's block is dropped).
+    """
+    replay = forced[:steps]
+    del forced[: len(replay)]
+    for w, replayed in engine.picks(steps, replay):
+        if not replayed and omega is not None and rec.first_gain is not None and w.gain <= omega * rec.first_gain:
+            return True
+        rec.record(w)
+    return False
+
+
 def _as_matrix(sketches: np.ndarray) -> np.ndarray:
     G = np.asarray(sketches)
     if G.ndim != 2:
@@ -353,6 +373,7 @@ def select(
     checkpoint_every: int = 1000,
     on_step: Callable[[int, int], None] | None = None,
     diagnostics: bool = True,
+    groups: np.ndarray | None = None,
 ) -> Selection:
     """Select up to ``k`` rows of ``sketches`` (N, d) by ``method``; the library entry point.
 
@@ -372,12 +393,17 @@ def select(
 
     Engine (greedy methods; the picks do not depend on it): ``lazy`` (None: lazy when running
     with numpy, eager on a torch device), ``device`` (``numpy`` | ``cpu`` | ``cuda[:i]`` |
-    ``auto`` — torch for the eager pass when not numpy). ``checkpoint_dir`` (greedy methods):
-    save the picks every ``checkpoint_every`` steps, atomically, and resume from what is there when
-    it was written for the same sketches and parameters (the engine may differ); the resumed run
-    ends with the same picks and trace as an uninterrupted one. ``on_step(step, index)`` is called
+    ``auto`` — torch for the eager pass when not numpy: for spice/logdet the block engine of
+    :mod:`spice_ray.select.device_engine`, whole steps on the device with one host round trip per
+    block of steps; the windowed schedule, group quotas and the shards use the per-step torch
+    pass). ``checkpoint_dir`` (greedy methods): save the picks every ``checkpoint_every`` steps,
+    atomically, and resume from what is there when it was written for the same sketches and
+    parameters (the engine may differ); the resumed run ends with the same picks and trace as an
+    uninterrupted one. ``on_step(step, index)`` is called
     after each pick (replayed ones included). ``diagnostics``: compute the ε bound, conflict–gain
-    Spearman and curvature (O(k·d²); see :mod:`spice_ray.select.diagnostics`).
+    Spearman and curvature (O(k·d²); see :mod:`spice_ray.select.diagnostics`). ``groups``: a label
+    per row (e.g. its source); each group gets its share of ``k`` by largest remainder and the method
+    picks within it (:mod:`spice_ray.select.quota`; not with ``windowed``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; expected one of {', '.join(METHODS)}")
@@ -416,15 +442,29 @@ def select(
             "seed": int(seed) if method == "windowed" else None, "pool_size": params.get("pool_size"),
             "data": fingerprint_data(G, norm_sq),
         }
+        if groups is not None:
+            fp["groups"] = hashlib.sha256("\n".join(map(str, np.asarray(groups).tolist())).encode()).hexdigest()
         ckpt = PickCheckpoint(checkpoint_dir, fp)
         forced = ckpt.load()
     bar = _Progress(progress, k_eff, f"select[{method}]")
     rec = Recorder(ckpt, checkpoint_every, on_step, bar)
     early = False
     refreshed = 0
+    engine_stats: dict[str, Any] = {}
     replayed = len(forced)
+    if groups is not None:
+        if method == "windowed":
+            raise ValueError("per-group quotas and the windowed schedule do not combine")
+        params["quota"] = "groups"
     try:
-        if method in ("spice", "logdet"):
+        if groups is not None and method in ("spice", "logdet"):
+            early, refreshed = _with_quotas(G, k_eff, groups, alpha, lam_eff, omega, use_lazy, dev, rec, forced)
+        elif method in ("spice", "logdet") and not use_lazy and dev != "numpy":
+            engine = DeviceGreedy(G, alpha=alpha, lam=lam_eff, max_updates=k_eff, device=dev)
+            early = run_device_greedy(engine, k_eff, omega=omega, rec=rec, forced=forced)
+            refreshed = engine.refreshed
+            engine_stats = engine.stats()
+        elif method in ("spice", "logdet"):
             shard = CandidateShard(G, alpha=alpha, lam=lam_eff, max_updates=k_eff, lazy=use_lazy, device=dev)
             group = LocalShards([shard])
             early = run_greedy(group, k_eff, omega=omega, rec=rec, forced=forced)
@@ -432,7 +472,9 @@ def select(
         elif method == "windowed":
             early, refreshed = _windowed(G, k_eff, alpha, lam_eff, omega, seed, params["pool_size"], use_lazy, dev, rec, forced)
         else:
-            order = _fixed_order(method, G, k_eff, norm_sq, seed, target)
+            order = _fixed_order(method, G, n if groups is not None else k_eff, norm_sq, seed, target)
+            if groups is not None:
+                order = fixed_order_with_quotas(order, groups, k_eff)
             state = SelectedState(d, len(order), alpha, lam_eff)
             for i in order.tolist():
                 w = state.winner(G[[i]].astype(np.float64), np.array([i]))
@@ -447,7 +489,7 @@ def select(
     elapsed = time.perf_counter() - t0
     stats = {"seconds": round(elapsed, 4), "replayed": replayed}
     if greedy:
-        stats.update(lazy=use_lazy, device=params["device"], scored=int(refreshed))
+        stats.update(lazy=use_lazy, device=params["device"], scored=int(refreshed), **engine_stats)
     sel = build_selection(
         rec, method=method, params=params, n=n, k_requested=int(k), k_eff=k_eff, early=early,
         diagnostics=diagnostics, stats=stats,
@@ -457,6 +499,18 @@ def select(
         method, len(sel), n, d, elapsed, sel.logdet, sel.stop_reason,
     )
     return sel
+
+
+def _with_quotas(
+    G: np.ndarray, k: int, groups: np.ndarray, alpha: float, lam: float, omega: float | None,
+    lazy: bool, device: str, rec: Recorder, forced: list[int],
+) -> tuple[bool, int]:
+    """One joint greedy over one shard per group, each group capped at its quota; (stopped early, rows scored)."""
+    rows = group_rows(groups)
+    shards = [CandidateShard(G[r], alpha=alpha, lam=lam, max_updates=k, indices=r, lazy=lazy, device=device) for r in rows]
+    group = QuotaShards(shards, quota_counts(groups, k))
+    early = run_greedy(group, k, omega=omega, rec=rec, forced=forced)
+    return early, group.refreshed
 
 
 def _windowed(

@@ -120,6 +120,29 @@ def read_sketches(path: str, uid_range: tuple[str | None, str | None] | None = N
     return uids, G
 
 
+def read_sketch_column(path: str, column: str) -> np.ndarray | None:
+    """One per-record column of the sketch parquet (e.g. ``n_loss_tokens``), in uid order; None when
+    the sketches do not have it (an older sketch format)."""
+    fs, files = _parquet_files(path)
+    dataset = pads.dataset(files, filesystem=fs, format="parquet")
+    if column not in dataset.schema.names:
+        return None
+    table = dataset.to_table(columns=["uid", column])
+    table = table.take(pc.sort_indices(table, sort_keys=[("uid", "ascending")]))
+    return table.column(column).to_numpy(zero_copy_only=False)
+
+
+def read_record_sources(records_path: str, uids: np.ndarray) -> np.ndarray:
+    """The ``source`` of each of ``uids`` from the ingest records (object array, same order)."""
+    fs, root = _filesystem(records_path)
+    table = pads.dataset(root, filesystem=fs, format="parquet").to_table(columns=["uid", "source"])
+    by_uid = dict(zip(table.column("uid").to_pylist(), table.column("source").to_pylist(), strict=True))
+    missing = [u for u in uids.tolist() if u not in by_uid]
+    if missing:
+        raise ValueError(f"{len(missing)} sketched uids are not in the records {records_path} (e.g. {missing[0]})")
+    return np.asarray([by_uid[u] for u in uids.tolist()], dtype=object)
+
+
 def read_target(target: str, pool_uids: np.ndarray, pool: np.ndarray) -> np.ndarray:
     """The target-set sketches of LESS-style selection, (M, d) float32.
 

@@ -15,6 +15,7 @@ import io
 import json
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -66,22 +67,34 @@ def write_selection(out_dir: str, uids: np.ndarray, sel: Selection, summary: dic
 
 
 def select_to_dir(
-    sketches_path: str, out_dir: str, cfg: SelectConfig, *, device: str | None = None
+    sketches_path: str, out_dir: str, cfg: SelectConfig, *, device: str | None = None, records_path: str | None = None
 ) -> dict[str, Any]:
     """Read ``sketches_path``, select with ``cfg``, write ``out_dir``; return the summary dict.
 
-    ``device``: the eager engine's device (None: ``cfg.device`` if set, else numpy).
+    The sketches are scaled (``select.scale``) and α resolved (``select.alpha``) first
+    (:mod:`spice_ray.select.prepare`); ``select.quota=source`` reads each record's source from
+    ``records_path``. ``device``: the eager engine's device (None: ``cfg.device`` if set, else numpy).
     """
+    from spice_ray.select.diagnostics import candidate_diagnostics
+    from spice_ray.select.io import read_record_sources, read_sketch_column
+    from spice_ray.select.prepare import resolve_alpha, scale_sketches
+
     t0 = time.perf_counter()
     uids, G = read_sketches(sketches_path)
     n, d = G.shape
     target = read_target(cfg.target, uids, G) if cfg.target else None
+    loss_tokens = read_sketch_column(sketches_path, "n_loss_tokens") if cfg.scale in ("tokens", "sqrt_tokens") else None
+    G = scale_sketches(G, loss_tokens, cfg.scale)
+    alpha = resolve_alpha(G, cfg.alpha)
+    if cfg.quota == "source" and records_path is None:
+        raise ValueError("select.quota=source needs the records (their source column)")
+    groups = read_record_sources(records_path, uids) if cfg.quota == "source" else None
     t_read = time.perf_counter() - t0
     sel = select(
         G,
         cfg.budget(n),
         method=cfg.method,
-        alpha=cfg.alpha,
+        alpha=alpha,
         lam=cfg.lam,
         omega=cfg.omega,
         seed=cfg.seed,
@@ -91,13 +104,38 @@ def select_to_dir(
         device=device or cfg.device or "numpy",
         checkpoint_dir=checkpoint_dir(out_dir),
         checkpoint_every=cfg.checkpoint_every,
+        groups=groups,
     )
+    if len(sel) > 1:
+        sel.diagnostics.update(candidate_diagnostics(G, sel.indices, sel.gains, alpha))
     summary = sel.summary() | {
         "dim": int(d),
         "seed": int(cfg.seed),
+        "scale": cfg.scale,
+        "quota": cfg.quota,
+        "alpha_setting": cfg.alpha,
         "sketches": str(sketches_path),
         "read_seconds": round(t_read, 4),
         "select_seconds": round(time.perf_counter() - t0 - t_read, 4),
     }
+    if groups is not None:
+        summary["quotas"] = dict(sorted(Counter(groups[sel.indices].tolist()).items()))
     write_selection(out_dir, uids, sel, summary)
     return summary
+
+
+def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, executor: Any, records_path: str | None = None) -> dict[str, Any]:
+    """The select stage: :func:`select_to_dir` as one unit of work of ``executor`` (a GPU eager
+    pass when it gets a GPU), or over ``select.shards`` Ray shard actors for sketch sets larger
+    than one machine's memory."""
+    from spice_ray.executor import Resources
+
+    resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
+    if cfg.shards > 1 and cfg.method in ("spice", "logdet") and executor.name == "ray" and cfg.quota == "none" and cfg.scale == "none":
+        from spice_ray.select.actor import run_sharded
+
+        return run_sharded(sketches_path, out_dir, cfg)
+    if cfg.shards > 1:
+        log.warning("select.shards=%d needs the ray executor and method spice/logdet; selecting in one worker", cfg.shards)
+    device = cfg.device or ("cuda" if executor.gpus(resources) > 0 else "numpy")
+    return executor.call(select_to_dir, str(sketches_path), str(out_dir), cfg, device=device, records_path=records_path, resources=resources)

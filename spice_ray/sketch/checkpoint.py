@@ -16,6 +16,10 @@ Two layouts are read:
   same reconstruction ``deepspeed.utils.zero_to_fp32`` applies to the fp32 weights. The model
   states' ``module`` (the trainable weights with ``exclude_frozen_parameters``) is loaded too.
   ZeRO-3 (per-parameter partitions) is refused with a clear error.
+* **spice-ray's plain-torch engine** (``spice_ray.train.engine``, what one-worker training and the
+  warm-up write): a checkpoint whose ``train_state.json`` names a tag directory holding
+  ``engine_state.json``, ``trainable.safetensors`` and ``optimizer.safetensors``. Read with
+  safetensors and json only: nothing is unpickled.
 
 Everything is checked against the model: every trainable parameter must have moments of its exact
 shape, and no state may name a parameter the model lacks; a mismatch raises ``CheckpointMismatch``
@@ -210,6 +214,36 @@ def _adapter_weights(root: Path, model: nn.Module) -> dict[str, torch.Tensor] | 
     return None
 
 
+def _torch_engine_dir(root: Path) -> Path | None:
+    """The tag directory of a plain-torch engine checkpoint under ``root``, if it is one."""
+    from spice_ray.train.engine import STATE_JSON
+
+    state = root / "train_state.json"
+    if not state.is_file():
+        return None
+    tag_dir = root / str(json.loads(state.read_text()).get("tag", ""))
+    return tag_dir if (tag_dir / STATE_JSON).is_file() else None
+
+
+def _from_torch_engine(tag_dir: Path, model: nn.Module) -> TrainingState:
+    from safetensors.torch import load_file
+
+    from spice_ray.train.engine import OPTIMIZER_FILE, STATE_JSON, TRAINABLE_FILE
+
+    meta = json.loads((tag_dir / STATE_JSON).read_text())["optimizer"]
+    tensors = load_file(str(tag_dir / OPTIMIZER_FILE))
+    exp_avg = {k.rsplit("/", 1)[0]: v.float() for k, v in tensors.items() if k.endswith("/exp_avg")}
+    exp_avg_sq = {k.rsplit("/", 1)[0]: v.float() for k, v in tensors.items() if k.endswith("/exp_avg_sq")}
+    steps = {_step(v) for k, v in tensors.items() if k.endswith("/step")} | {_step(s["step"]) for s in meta["scalars"].values() if "step" in s}
+    _check(str(tag_dir), model, exp_avg, "optimizer state")
+    if len(steps) != 1:
+        raise CheckpointMismatch(f"the optimizer state at {tag_dir} has parameters at different steps {sorted(steps)}")
+    weights = {k: v.float() for k, v in load_file(str(tag_dir / TRAINABLE_FILE)).items()}
+    _check(str(tag_dir), model, weights, "weights")
+    b1, b2, eps = _group_hparams(meta["groups"][0])
+    return TrainingState(steps.pop(), b1, b2, eps, exp_avg, exp_avg_sq, path=str(tag_dir), format="torch", weights=weights)
+
+
 def load_training_state(path: str | Path, model: nn.Module) -> TrainingState:
     """Read the checkpoint at ``path`` (see the module doc for the layouts) for ``model``'s trainable
     parameters; raises ``CheckpointMismatch`` when the state does not fit the model."""
@@ -219,6 +253,9 @@ def load_training_state(path: str | Path, model: nn.Module) -> TrainingState:
     if root.is_file():
         exp_avg, exp_avg_sq, step, (b1, b2, eps) = _from_torch_state(str(root), _load(root), model)
         return TrainingState(step, b1, b2, eps, exp_avg, exp_avg_sq, path=str(root), format="torch", weights=None)
+    engine_dir = _torch_engine_dir(root)
+    if engine_dir is not None:
+        return _from_torch_engine(engine_dir, model)
     tag_dir = _deepspeed_tag_dir(root)
     if tag_dir is not None:
         return _from_deepspeed(tag_dir, model)

@@ -40,6 +40,7 @@ def sketch_schema(dim: int, dtype: str) -> pa.Schema:
             ("loss", pa.float32()),
             ("grad_norm", pa.float32()),
             ("n_tokens", pa.int32()),
+            ("n_loss_tokens", pa.int32()),
         ]
     )
 
@@ -262,6 +263,7 @@ class SketchWorker:
                 "loss": pa.array(loss, pa.float32()),
                 "grad_norm": pa.array(norm, pa.float32()),
                 "n_tokens": pa.array([e.n_tokens for e in encoded], pa.int32()),
+                "n_loss_tokens": pa.array([e.n_loss_tokens for e in encoded], pa.int32()),
             },
             schema=self.schema,
         )

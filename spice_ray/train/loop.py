@@ -76,6 +76,26 @@ def torch_extensions_dir(configured: str | None = None) -> str:
     return os.path.expanduser(os.environ.get("TORCH_EXTENSIONS_DIR") or configured or DEFAULT_TORCH_EXTENSIONS_DIR)
 
 
+STALE_LOCK_S = 30 * 60  # a JIT build takes minutes; a lock this old was left by a killed build
+
+
+def clear_stale_extension_locks(root: str, stale_after_s: float = STALE_LOCK_S) -> list[str]:
+    """torch's JIT build holds ``<extensions dir>/<op>/lock`` while it compiles; a build killed midway
+    leaves it, and every later build waits on it forever without a word. Locks older than
+    ``stale_after_s`` are removed with a warning naming them; younger ones are named (a build may be
+    running). Returns the removed paths."""
+    removed = []
+    for lock in Path(root).glob("*/lock"):
+        age = time.time() - lock.stat().st_mtime
+        if age > stale_after_s:
+            logger.warning("removing a stale torch-extension build lock %s (%.0f min old: a killed build left it)", lock, age / 60)
+            lock.unlink(missing_ok=True)
+            removed.append(str(lock))
+        else:
+            logger.warning("a torch-extension build lock %s is %.0f s old: waiting for that build (remove the file if no build runs)", lock, age)
+    return removed
+
+
 # ------------------------------------------------------------------------------------------- sessions
 
 
@@ -112,7 +132,8 @@ class RaySession:
 
 class LocalSession:
     """One process without Ray Train: rows from an in-memory table, checkpoints under ``ckpt_root``
-    (``checkpoint_000000``, ...). torch.distributed must be initialized (world size 1, gloo)."""
+    (``checkpoint_000000``, ...). The DeepSpeed engine also needs torch.distributed initialized
+    (world size 1, gloo: :func:`local_process_group`); the plain-torch engine needs nothing."""
 
     def __init__(self, table: Any, ckpt_root: str | Path, keep: int = 2) -> None:
         self.rank, self.world_size = 0, 1
@@ -140,7 +161,10 @@ class LocalSession:
             return
         found = self._checkpoints()
         index = int(found[-1].name.rsplit("_", 1)[1]) + 1 if found else 0
-        shutil.copytree(checkpoint_dir, self.root / f"checkpoint_{index:06d}")
+        tmp = self.root / f".tmp-checkpoint_{index:06d}"  # a crash mid-copy leaves no half checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(checkpoint_dir, tmp)
+        os.replace(tmp, self.root / f"checkpoint_{index:06d}")
         for old in self._checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -294,13 +318,14 @@ def publish_dir(local: Path, uri: str) -> None:
 
 def _gathered_trainable_state(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:
     """The LoRA adapter weights as CPU fp32 tensors on rank 0 (None elsewhere). Collective."""
-    import deepspeed
     import torch.distributed as dist
     from peft import get_peft_model_state_dict
 
     module = engine.module
     rank = dist.get_rank() if dist.is_initialized() else 0
     if zero_stage == 3:
+        import deepspeed
+
         params = [p for p in module.parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             state = get_peft_model_state_dict(module) if rank == 0 else None
@@ -320,13 +345,15 @@ def export_model(
     tokenizer_path: str,
     export_dir: str,
     dtype: str,
+    zero_stage: int | None,
 ) -> dict[str, Any]:
     """Write the trained model to ``export_dir`` in Hugging Face format (rank 0 writes; collective).
 
     LoRA: the adapter weights are loaded into a fresh copy of the base model, merged
     (``merge_and_unload``) and saved, so the export holds plain weights in ``dtype``. The merged
     model's logits are compared with the trained (unmerged) module's on a short sample and the max
-    abs difference is returned (ZeRO-2 only: there rank 0 holds the full module).
+    abs difference is returned (not under ZeRO-3: elsewhere rank 0 holds the full module).
+    ``zero_stage``: the DeepSpeed engine's ZeRO stage; None for the plain-torch engine.
     Full fine-tuning: ZeRO-2 ranks hold full weights, so rank 0 saves its module; under ZeRO-3 the
     16-bit weights are gathered from every rank's shard onto rank 0 first
     (``stage3_gather_16bit_weights_on_model_save``).
@@ -336,7 +363,7 @@ def export_model(
 
     from spice_ray.models import load_tokenizer
 
-    stage = tcfg.resolved_zero_stage
+    stage = zero_stage or 0
     rank = dist.get_rank() if dist.is_initialized() else 0
     out: dict[str, Any] = {"export_dir": export_dir}
     if tcfg.lora:
@@ -369,7 +396,7 @@ def export_model(
             raise RuntimeError(f"LoRA export: adapter keys not found in the model: {unexpected[:5]}")
         merged = peft_model.merge_and_unload()
         merged.eval()
-        if stage == 2:
+        if stage != 3:
             out["export_max_abs_diff"] = _merge_check(engine.module, merged)
         if dtype != "float32":
             merged = merged.to(getattr(torch, dtype))
@@ -417,7 +444,72 @@ def _peak_memory_gb(device: torch.device) -> tuple[float, str]:
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
     """What ``TorchTrainer`` runs on each worker (torch.distributed already set up by Ray Train)."""
+    logging.basicConfig(level=logging.INFO)
     return run_loop(config, RaySession())
+
+
+def build_engine(config: dict[str, Any], world_size: int) -> tuple[Any, dict[str, Any]]:
+    """The model, optimizer and LR schedule wrapped in the configured engine; and facts about it."""
+    from spice_ray.train.deepspeed_config import LRSchedule, deepspeed_config
+    from spice_ray.train.engine import TorchEngine, resolved_engine
+
+    tcfg = TrainConfig.model_validate(config["train"])
+    mcfg = ModelConfig.model_validate(config["model"])
+    use_gpu = bool(config["use_gpu"])
+    kind = resolved_engine(tcfg)
+    if kind == "torch" and world_size != 1:
+        raise RuntimeError(f"train.engine=torch runs one worker, not {world_size}")
+    dtype = "bfloat16" if use_gpu and kind == "deepspeed" else "float32"
+    model = _build_model(mcfg, tcfg, config["model_path"], dtype=dtype)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(tcfg, trainable)
+    total_steps = int(config.get("total_steps") or tcfg.max_steps or 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(total_steps, tcfg.warmup_ratio, tcfg.lr_scheduler))
+    facts = {"engine": kind, "dtype": "bfloat16" if use_gpu else "float32", "total_steps": total_steps,
+             "trainable_params": sum(p.numel() for p in trainable), "zero_stage": None,
+             "pad_id": config.get("pad_id") if config.get("pad_id") is not None else (model.config.pad_token_id or 0)}
+    if kind == "torch":
+        device = torch.device("cuda", torch.cuda.current_device()) if use_gpu else torch.device("cpu")
+        return TorchEngine(model, optimizer, scheduler, tcfg=tcfg, device=device), facts
+    clear_stale_extension_locks(os.environ["TORCH_EXTENSIONS_DIR"])
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler,
+        config=deepspeed_config(tcfg, world_size=world_size, use_gpu=use_gpu),
+        dist_init_required=False,  # Ray Train's TorchConfig (or the caller) already set up torch.distributed
+    )
+    facts["zero_stage"] = tcfg.resolved_zero_stage
+    return engine, facts
+
+
+def resume(engine: Any, session: Any, tcfg: TrainConfig, total_steps: int, world_size: int) -> tuple[dict[str, Any], int | None]:
+    """The loop state of the session's latest checkpoint, loaded into ``engine`` (a fresh state if none)."""
+    from spice_ray.train.deepspeed_config import LRSchedule
+
+    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "history": []}
+    with session.latest_checkpoint() as ckpt_dir:
+        if ckpt_dir is None:
+            return state, None
+        state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
+        if state.get("world_size", world_size) != world_size:
+            raise RuntimeError(
+                f"the checkpoint was written by {state['world_size']} workers and this run has {world_size}: "
+                "DeepSpeed ZeRO shards cannot be loaded at another world size; keep train.num_workers or "
+                "start a fresh run (a new out_dir)"
+            )
+        load_path, _ = engine.load_checkpoint(
+            ckpt_dir, tag=state["tag"], load_module_strict=not tcfg.lora, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise RuntimeError(f"could not load the checkpoint {state['tag']} from {ckpt_dir}")
+        if engine.global_steps != state["step"]:
+            raise RuntimeError(f"checkpoint step mismatch: engine {engine.global_steps} vs state {state['step']}")
+    # the schedule of this run's config (a rerun may have changed max_steps or epochs)
+    _set_schedule(engine.lr_scheduler, LRSchedule(total_steps, tcfg.warmup_ratio, tcfg.lr_scheduler))
+    return state, int(state["step"])
 
 
 def run_loop(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
@@ -426,71 +518,20 @@ def run_loop(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
     timings: dict[str, float] = {}
     os.environ["TORCH_EXTENSIONS_DIR"] = torch_extensions_dir(config.get("torch_extensions_dir"))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.basicConfig(level=logging.INFO)
-
-    import deepspeed
-
-    from spice_ray.train.deepspeed_config import LRSchedule, deepspeed_config
-
-    timings["imports"] = round(time.time() - t_enter, 3)
     tcfg = TrainConfig.model_validate(config["train"])
     mcfg = ModelConfig.model_validate(config["model"])
-    if config.get("torch_threads"):  # benchmarks pin it so both launch modes compute alike
+    if config.get("torch_threads"):  # benchmarks and the local executor pin it
         torch.set_num_threads(int(config["torch_threads"]))
-    use_gpu = bool(config["use_gpu"])
     rank, world_size = session.rank, session.world_size
     torch.manual_seed(tcfg.seed + rank)
-    dtype = "bfloat16" if use_gpu else "float32"
-
-    model = _build_model(mcfg, tcfg, config["model_path"], dtype=dtype)
-    pad_id = config.get("pad_id")
-    if pad_id is None:
-        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
-    optimizer = _optimizer(tcfg, trainable)
-    total_steps = int(config.get("total_steps") or tcfg.max_steps or 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, LRSchedule(total_steps, tcfg.warmup_ratio, tcfg.lr_scheduler))
-    ds_config = deepspeed_config(tcfg, world_size=world_size, use_gpu=use_gpu)
-    t0 = time.time()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=scheduler,
-        config=ds_config,
-        dist_init_required=False,  # Ray Train's TorchConfig (or the caller) already set up torch.distributed
-    )
+    engine, facts = build_engine(config, world_size)
     timings["setup"] = round(time.time() - t_enter, 3)
-    logger.info("rank %d: deepspeed.initialize took %.1f s (%d trainable params)", rank, time.time() - t0, n_trainable)
-    device = engine.device
-
-    # ---- resume
-    state: dict[str, Any] = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "tokens": 0, "history": []}
-    resumed_from: int | None = None
-    with session.latest_checkpoint() as ckpt_dir:
-        if ckpt_dir is not None:
-            state = json.loads((Path(ckpt_dir) / STATE_FILE).read_text())
-            if state.get("world_size", world_size) != world_size:
-                raise RuntimeError(
-                    f"the checkpoint was written by {state['world_size']} workers and this run has {world_size}: "
-                    "DeepSpeed ZeRO shards cannot be loaded at another world size; keep train.num_workers or "
-                    "start a fresh run (a new out_dir)"
-                )
-            load_path, _ = engine.load_checkpoint(
-                ckpt_dir,
-                tag=state["tag"],
-                load_module_strict=not tcfg.lora,
-                load_optimizer_states=True,
-                load_lr_scheduler_states=True,
-            )
-            if load_path is None:
-                raise RuntimeError(f"could not load the DeepSpeed checkpoint {state['tag']} from {ckpt_dir}")
-            if engine.global_steps != state["step"]:
-                raise RuntimeError(f"checkpoint step mismatch: engine {engine.global_steps} vs state {state['step']}")
-            resumed_from = state["step"]
-            # the schedule of this run's config (a rerun may have changed max_steps or epochs)
-            _set_schedule(scheduler, LRSchedule(total_steps, tcfg.warmup_ratio, tcfg.lr_scheduler))
-            logger.info("rank %d: resumed from step %d (epoch %d, batch %d)", rank, state["step"], state["epoch"], state["batches_in_epoch"])
+    logger.info("rank %d: %s engine ready in %.1f s (%d trainable params)", rank, facts["engine"], timings["setup"], facts["trainable_params"])
+    device, pad_id, dtype, total_steps = engine.device, facts["pad_id"], facts["dtype"], facts["total_steps"]
+    n_trainable = facts["trainable_params"]
+    state, resumed_from = resume(engine, session, tcfg, total_steps, world_size)
+    if resumed_from is not None:
+        logger.info("rank %d: resumed from step %d (epoch %d, batch %d)", rank, state["step"], state["epoch"], state["batches_in_epoch"])
 
     history: list[dict[str, Any]] = list(state.get("history", []))
     step, epoch, tokens = int(state["step"]), int(state["epoch"]), int(state["tokens"])
@@ -630,6 +671,7 @@ def run_loop(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
         tokenizer_path=config.get("tokenizer_path") or config["model_path"],
         export_dir=config["export_dir"],
         dtype=dtype,
+        zero_stage=facts["zero_stage"],
     )
     timings["export"] = round(time.time() - t_enter, 3)
     logger.info("rank %d: seconds since the loop started: %s", rank, timings)
@@ -649,7 +691,8 @@ def run_loop(config: dict[str, Any], session: Any) -> dict[str, Any] | None:
         "resumed_from_step": resumed_from,
         "trainable_params": n_trainable,
         "world_size": world_size,
-        "zero_stage": tcfg.resolved_zero_stage,
+        "zero_stage": facts["zero_stage"],
+        "engine": facts["engine"],
         "dtype": dtype,
         "total_steps": total_steps,
         "dropped_rows": int(dropped_total),

@@ -1,0 +1,333 @@
+"""``spice-ray bench``: does the selection train a better model? One sketch set, many selections.
+
+The pipeline's ingest (with a held-out split) and sketch stages run once under the bench's run
+root. Then every *cell* — an arm (a selection method and its settings), a budget and a seed — is
+selected from those sketches, fine-tuned from the same base model with the train section's settings
+(so every arm of one budget runs the same number of steps), and evaluated on the held-out splits,
+per source. A cell is written under ``bench/cells/<arm>/<budget>/s<seed>/`` with a ``_DONE``
+marker holding its key: a rerun reuses finished cells and the sketch cache, so a bench can be
+interrupted and resumed, and extended with more arms or seeds.
+
+The summary (``bench/results.json``, ``bench/results.md``, ``bench/index.html``), per split, arm and
+budget: the overall held-out loss (token-weighted over every source) as mean ± sd over seeds; the
+difference to the baseline arm paired by seed, with a 95% confidence interval (Student t); how many
+sources are not worse than the baseline; the share of the gap from the baseline to the full-data
+arm that the arm closes; the selection's source mix and tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+import statistics
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+
+from spice_ray.config import Config, ConfigError, SelectConfig, _format_error, _Section, apply_overrides, read_yaml
+from spice_ray.executor import Executor, Resources, make_executor
+from spice_ray.storage import Store
+
+logger = logging.getLogger(__name__)
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t, two-sided 95%
+
+
+class Arm(_Section):
+    """One selection to compare: a name, ``select`` settings over the pipeline's, and optionally its own budget."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Arm name (a directory name).")
+    select: dict[str, Any] = Field(default_factory=dict, description="select.* settings of this arm.")
+    fraction: float | None = Field(None, gt=0, le=1, description="This arm's budget (e.g. 1.0 for full data); None: bench.fractions.")
+
+
+class BenchSection(_Section):
+    arms: list[Arm] = Field(description="The selections to compare.")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Seeds: selection (random elements) and training.")
+    fractions: list[float] = Field(default_factory=lambda: [0.1], description="Budgets of arms without their own.")
+    splits: list[str] = Field(default_factory=lambda: ["validation", "test"], description="Held-out splits to evaluate on.")
+    baseline: str = Field("random", description="The arm others are paired against.")
+    full: str | None = Field("full", description="The full-data arm, for the share of the gap closed (None: none).")
+    keep_models: bool = Field(False, description="Keep each cell's trained model (else deleted once evaluated).")
+    eval_batch_size: int = Field(16, gt=0, description="Rows per eval forward pass.")
+
+
+def load_bench(path: str | Path, overrides: list[str] | None = None) -> tuple[Config, BenchSection]:
+    """A bench file: the pipeline's sections plus a ``bench:`` section. ``--set`` applies to both."""
+    data = read_yaml(path) or {}
+    if not isinstance(data, dict) or "bench" not in data:
+        raise ConfigError(f"bench config {path}: expected a mapping with a 'bench' section")
+    apply_overrides(data, overrides or [])
+    bench_data = data.pop("bench")
+    try:
+        return Config.model_validate(data), BenchSection.model_validate(bench_data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _cells(bench: BenchSection) -> list[tuple[Arm, float, int]]:
+    return [(arm, fraction, seed) for arm in bench.arms for fraction in ([arm.fraction] if arm.fraction else bench.fractions)
+            for seed in bench.seeds]
+
+
+def _budget_name(fraction: float) -> str:
+    return f"f{fraction:g}"
+
+
+# ------------------------------------------------------------------------------------------- eval
+
+
+def holdout_rows(holdout: str, splits: list[str], tokenizer: Any, max_tokens: int) -> dict[str, list[dict[str, list[int]]]]:
+    """Tokenized held-out rows per ``<split>/<source>`` set."""
+    from spice_ray.evaluate import encode_records, holdout_sets
+
+    out: dict[str, list[dict[str, list[int]]]] = {}
+    with tempfile.TemporaryDirectory(prefix="spice-bench-") as tmp:
+        for split in splits:
+            for source, info in holdout_sets(f"{holdout}/{split}.parquet", Path(tmp) / split).items():
+                out[f"{split}/{source}"], _ = encode_records(info["records"], tokenizer, max_tokens=max_tokens)
+    return out
+
+
+def score(losses: dict[str, Any], splits: list[str]) -> dict[str, dict[str, Any]]:
+    """``{split: {"overall": {loss, tokens}, "sources": {source: {loss, tokens}}}}`` from per-set losses."""
+    out: dict[str, dict[str, Any]] = {}
+    for split in splits:
+        sources = {name.split("/", 1)[1]: v for name, v in losses.items() if name.startswith(f"{split}/") and v["loss"] is not None}
+        tokens = sum(v["tokens"] for v in sources.values())
+        total = sum(v["loss"] * v["tokens"] for v in sources.values())
+        out[split] = {"overall": {"loss": total / tokens if tokens else None, "tokens": tokens},
+                      "sources": {s: {"loss": v["loss"], "tokens": v["tokens"]} for s, v in sorted(sources.items())}}
+    return out
+
+
+def _evaluate(executor: Executor, model: str, rows: dict[str, Any], *, batch_size: int, pad_id: int, trust_remote_code: bool,
+              cpus: float) -> dict[str, Any]:
+    from spice_ray.evaluate import evaluate_models
+
+    result = executor.call(evaluate_models, {"m": model}, rows, batch_size=batch_size, pad_id=pad_id,
+                           trust_remote_code=trust_remote_code, resources=Resources(cpus=cpus))
+    return {name: per_model["m"] for name, per_model in result["sets"].items()}
+
+
+# -------------------------------------------------------------------------------------------- cells
+
+
+class Bench:
+    """The state of one bench run: the shared inputs, and the cells computed or reused."""
+
+    def __init__(self, cfg: Config, bench: BenchSection, executor: Executor) -> None:
+        from spice_ray.models import load_tokenizer
+        from spice_ray.pipeline import run_pipeline
+
+        self.cfg, self.bench, self.executor = cfg, bench, executor
+        outcomes = run_pipeline(cfg, stages=["ingest", "sketch"], executor=executor)
+        self.models = outcomes["models"].result
+        self.ingest, self.sketch = outcomes["ingest"].result, outcomes["sketch"].result
+        if not self.ingest.get("holdout"):
+            raise ConfigError("bench: set corpus.holdout_validation / corpus.holdout_test > 0 (the bench evaluates on them)")
+        self.store = Store(cfg.run.root)
+        self.inputs_key = _digest({k: outcomes[k].manifest["outputs"] for k in ("ingest", "sketch")} | {
+            "target": self.models["target_fingerprint"], "tokenizer": self.models["tokenizer_fingerprint"]})
+        self.tokenizer = load_tokenizer(self.models["tokenizer"], trust_remote_code=cfg.model.trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._rows: dict[str, Any] | None = None
+
+    @property
+    def rows(self) -> dict[str, Any]:
+        if self._rows is None:
+            self._rows = holdout_rows(self.ingest["holdout"], self.bench.splits, self.tokenizer,
+                                      self.cfg.eval.max_tokens or self.cfg.corpus.max_tokens)
+        return self._rows
+
+    def eval_model(self, model: str) -> dict[str, Any]:
+        losses = _evaluate(self.executor, model, self.rows, batch_size=self.bench.eval_batch_size, pad_id=self.pad_id,
+                           trust_remote_code=self.cfg.model.trust_remote_code, cpus=self.cfg.eval.num_cpus)
+        return score(losses, self.bench.splits)
+
+    def base(self) -> dict[str, Any]:
+        """The base model's held-out losses (computed once)."""
+        return self._cached("bench/base", {"inputs": self.inputs_key, "splits": self.bench.splits},
+                            lambda out: {"eval": self.eval_model(self.models["target"])})
+
+    def _cached(self, rel: str, key_data: dict[str, Any], compute: Any) -> dict[str, Any]:
+        key = _digest(key_data)
+        if self.store.exists(f"{rel}/_DONE") and self.store.read_text(f"{rel}/_DONE").strip() == key:
+            return json.loads(self.store.read_text(f"{rel}/result.json"))
+        result = compute(rel)
+        self.store.write_text(f"{rel}/result.json", json.dumps(result, indent=2, sort_keys=True))
+        self.store.write_text(f"{rel}/_DONE", key + "\n")
+        return result
+
+    def cell(self, arm: Arm, fraction: float, seed: int) -> dict[str, Any]:
+        select = SelectConfig.model_validate(self.cfg.select.model_dump() | arm.select | {"fraction": fraction, "k": None, "seed": seed})
+        cfg = self.cfg.model_copy(deep=True)
+        cfg.select, cfg.train.seed = select, seed
+        rel = f"bench/cells/{arm.name}/{_budget_name(fraction)}/s{seed}"
+        key_data = {"inputs": self.inputs_key, "select": select.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
+                    "model": cfg.model.model_dump(mode="json"), "max_tokens": cfg.corpus.max_tokens, "splits": self.bench.splits}
+        return self._cached(rel, key_data, lambda out: self._run_cell(cfg, arm, fraction, seed, out))
+
+    def _run_cell(self, cfg: Config, arm: Arm, fraction: float, seed: int, rel: str) -> dict[str, Any]:
+        import pyarrow.parquet as pq
+
+        from spice_ray.select.job import run_select_stage
+        from spice_ray.train.trainer import run_train_stage
+
+        logger.info("bench: %s at %s, seed %d", arm.name, _budget_name(fraction), seed)
+        summary = run_select_stage(self.sketch["sketches"], self.store.uri(f"{rel}/select"), cfg.select, self.executor,
+                                   records_path=self.ingest["records"])
+        selection = self.store.uri(f"{rel}/select/selection.parquet")
+        train = run_train_stage(cfg, self.executor, records_path=self.ingest["records"], selection_path=selection,
+                                model_path=self.models["target"], tokenizer_path=self.models["tokenizer"],
+                                out_dir=self.store.uri(f"{rel}/train"), max_tokens=cfg.corpus.max_tokens)
+        result = {"arm": arm.name, "fraction": fraction, "seed": seed, "k": summary["k_selected"],
+                  "selection": {k: summary.get(k) for k in ("method", "alpha", "lam", "scale", "quota", "logdet", "mean_conflict")},
+                  "source_mix": self._source_mix(pq.read_table(selection, columns=["uid"]).column("uid").to_pylist()),
+                  "train": {k: train.get(k) for k in ("steps", "tokens", "loss", "n_train_rows")},
+                  "eval": self.eval_model(train["model"])}
+        if not self.bench.keep_models:
+            shutil.rmtree(Path(self.store.path(f"{rel}/train/model")), ignore_errors=True)
+            shutil.rmtree(Path(self.store.path(f"{rel}/train/checkpoints")), ignore_errors=True)
+        return result
+
+    def _source_mix(self, uids: list[str]) -> dict[str, int]:
+        import pyarrow.parquet as pq
+
+        from spice_ray.storage import ensure_local
+
+        table = pq.read_table(ensure_local(self.ingest["records"]), columns=["uid", "source"])
+        source = dict(zip(table.column("uid").to_pylist(), table.column("source").to_pylist(), strict=True))
+        return dict(sorted(Counter(source[u] for u in uids).items()))
+
+
+# ------------------------------------------------------------------------------------------ summary
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
+def paired(diffs: list[float]) -> dict[str, float | None]:
+    """Mean of paired differences and its two-sided 95% confidence interval (Student t)."""
+    mean, sd = _mean_sd(diffs)
+    n = len(diffs)
+    half = T_975.get(n - 1, 1.96) * sd / math.sqrt(n) if n > 1 else None
+    return {"mean": mean, "sd": sd, "n": n, "ci_low": None if half is None else mean - half, "ci_high": None if half is None else mean + half}
+
+
+def summarize(cells: list[dict[str, Any]], base: dict[str, Any], bench: BenchSection) -> dict[str, Any]:
+    """Per split, arm and budget: loss mean ± sd, the paired difference to the baseline, sources not
+    worse, the share of the baseline→full gap closed, source mix and tokens."""
+    by = {(c["arm"], c["fraction"], c["seed"]): c for c in cells}
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for split in bench.splits:
+        full_losses = [c["eval"][split]["overall"]["loss"] for c in cells if c["arm"] == bench.full]
+        full = statistics.fmean(full_losses) if full_losses else None
+        rows[split] = []
+        for arm in bench.arms:
+            for fraction in [arm.fraction] if arm.fraction else bench.fractions:
+                mine = [by[(arm.name, fraction, s)] for s in bench.seeds if (arm.name, fraction, s) in by]
+                if not mine:
+                    continue
+                losses = [c["eval"][split]["overall"]["loss"] for c in mine]
+                mean, sd = _mean_sd(losses)
+                row: dict[str, Any] = {"arm": arm.name, "fraction": fraction, "seeds": len(mine), "loss": mean, "sd": sd,
+                                       "tokens": statistics.fmean(c["train"]["tokens"] for c in mine), "steps": mine[0]["train"]["steps"],
+                                       "source_mix": _mean_mix([c["source_mix"] for c in mine])}
+                pairs = [(c, by.get((bench.baseline, fraction, c["seed"]))) for c in mine]
+                pairs = [(c, b) for c, b in pairs if b is not None]
+                if pairs and arm.name != bench.baseline:
+                    row["vs_baseline"] = paired([c["eval"][split]["overall"]["loss"] - b["eval"][split]["overall"]["loss"] for c, b in pairs])
+                    row["sources_not_worse"], row["sources"] = _not_worse(pairs, split)
+                    baseline = statistics.fmean(b["eval"][split]["overall"]["loss"] for _, b in pairs)
+                    if full is not None and baseline != full:
+                        row["gap_closed"] = (baseline - mean) / (baseline - full)
+                rows[split].append(row)
+    base_loss = {split: base["eval"][split]["overall"]["loss"] for split in bench.splits}
+    return {"base": base_loss, "splits": rows, "per_source": _per_source(cells, base, bench)}
+
+
+def _mean_mix(mixes: list[dict[str, int]]) -> dict[str, float]:
+    total = [sum(m.values()) or 1 for m in mixes]
+    sources = sorted({s for m in mixes for s in m})
+    return {s: statistics.fmean(m.get(s, 0) / t for m, t in zip(mixes, total, strict=True)) for s in sources}
+
+
+def _not_worse(pairs: list[tuple[dict[str, Any], dict[str, Any]]], split: str) -> tuple[int, int]:
+    sources = sorted(pairs[0][0]["eval"][split]["sources"])
+    ok = 0
+    for s in sources:
+        diffs = [c["eval"][split]["sources"][s]["loss"] - b["eval"][split]["sources"][s]["loss"] for c, b in pairs]
+        ok += statistics.fmean(diffs) <= 0
+    return ok, len(sources)
+
+
+def _per_source(cells: list[dict[str, Any]], base: dict[str, Any], bench: BenchSection) -> dict[str, Any]:
+    """Mean loss per split, arm@budget and source (and the base model's)."""
+    out: dict[str, Any] = {}
+    for split in bench.splits:
+        losses: dict[str, dict[str, list[float]]] = {}
+        for c in cells:
+            row = losses.setdefault(f"{c['arm']}@{_budget_name(c['fraction'])}", {})
+            for source, v in c["eval"][split]["sources"].items():
+                row.setdefault(source, []).append(v["loss"])
+        out[split] = {"base": {s: v["loss"] for s, v in base["eval"][split]["sources"].items()}} | {
+            name: {s: statistics.fmean(v) for s, v in row.items()} for name, row in losses.items()}
+    return out
+
+
+def markdown(summary: dict[str, Any], bench: BenchSection) -> str:
+    lines = []
+    for split, rows in summary["splits"].items():
+        lines += [f"### {split} (base model: {summary['base'][split]:.4f})", "",
+                  f"| arm | budget | loss (mean ± sd, {len(bench.seeds)} seeds) | Δ vs {bench.baseline} (95% CI) | sources not worse | gap to full closed | tokens | steps |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            vs = r.get("vs_baseline")
+            delta = f"{vs['mean']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}]" if vs and vs["ci_low"] is not None else (f"{vs['mean']:+.4f}" if vs else "—")
+            nw = f"{r['sources_not_worse']}/{r['sources']}" if "sources" in r else "—"
+            gap = f"{r['gap_closed']:.0%}" if r.get("gap_closed") is not None else "—"
+            lines.append(f"| {r['arm']} | {r['fraction']:g} | {r['loss']:.4f} ± {r['sd']:.4f} | {delta} | {nw} | {gap} | {r['tokens']:.0f} | {r['steps']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_bench(cfg: Config, bench: BenchSection, executor: Executor | None = None) -> dict[str, Any]:
+    """Run (or resume) every cell, write ``bench/results.json``, ``results.md`` and ``index.html``; the summary."""
+    if bench.baseline not in {a.name for a in bench.arms}:
+        raise ConfigError(f"bench.baseline {bench.baseline!r} is not one of the arms")
+    executor = executor or make_executor(cfg.run.executor, address=cfg.run.ray_address)
+    state = Bench(cfg, bench, executor)
+    base = state.base()
+    cells = [state.cell(arm, fraction, seed) for arm, fraction, seed in _cells(bench)]
+    summary = summarize(cells, base, bench)
+    summary["cells"] = cells
+    state.store.write_text("bench/results.json", json.dumps(summary, indent=2, sort_keys=True))
+    state.store.write_text("bench/results.md", markdown(summary, bench))
+    from spice_ray.report.bench import write_bench_report
+
+    write_bench_report(state.store, summary, bench)
+    return summary
+
+
+def demo_comparison(cfg: Config, executor: Executor | None = None) -> tuple[dict[str, Any], BenchSection]:
+    """The demo's last word: the configured selection vs a random one of the same budget vs all the
+    data, one seed, on the test split."""
+    arms = [{"name": cfg.select.method, "select": {}}, {"name": "random", "select": {"method": "random"}},
+            {"name": "full", "select": {"method": "random"}, "fraction": 1.0}]
+    if cfg.select.method == "random":
+        arms = arms[1:]
+    bench = BenchSection.model_validate({"arms": arms, "seeds": [cfg.train.seed], "splits": ["test"],
+                                         "fractions": [cfg.select.fraction or 0.1]})
+    return run_bench(cfg, bench, executor), bench

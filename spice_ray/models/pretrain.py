@@ -1,0 +1,131 @@
+"""Pre-train a causal LM on an instruction corpus, so a proxy has learned something before it is
+sketched (a random-init proxy's gradients say little about what a record teaches).
+
+The loop is nanoGPT's: every record rendered with the chat template, concatenated (an end-of-text
+token between records), cut into ``block_size``-token blocks, next-token loss on every token, AdamW
+with a linear warm-up and cosine decay to 10%, gradient clipping at 1. One thread and a fixed seed,
+so the same inputs give the same weights. ``spice-ray pretrain`` runs it on any corpus;
+``builtin:tiny-llama-pretrained`` is the built-in tiny Llama pre-trained on a generated demo corpus
+of another seed than the demo's pool and eval set, cached per node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEMO_PRETRAIN = {"rows": 3000, "seed": 7, "steps": 300, "block_size": 128, "batch_size": 16, "lr": 3e-3}
+
+
+def token_blocks(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
+    """The texts tokenized, joined by end-of-text and cut into (n, block_size) blocks (the tail dropped)."""
+    sep = tokenizer.convert_tokens_to_ids("<|endoftext|>") if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.eos_token_id
+    ids: list[int] = []
+    for start in range(0, len(texts), 512):
+        for row in tokenizer(texts[start : start + 512], add_special_tokens=False)["input_ids"]:
+            ids.extend(row)
+            ids.append(sep)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"{len(ids)} tokens: not one block of {block_size}")
+    return torch.tensor(ids[: n * block_size], dtype=torch.long).view(n, block_size)
+
+
+def pretrain_model(model: Any, blocks: torch.Tensor, *, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    """Train every weight of ``model`` on random batches of ``blocks``; the loss of every step."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+    model.train()
+    losses = []
+    for _ in range(steps):
+        batch = blocks[torch.randint(len(blocks), (batch_size,), generator=gen)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    model.eval()
+    return losses
+
+
+def pretrain(model_path: str, texts: list[str], out_dir: str | Path, *, steps: int, block_size: int = 128, batch_size: int = 16,
+             lr: float = 3e-3, seed: int = 0, trust_remote_code: bool = False) -> dict[str, Any]:
+    """Pre-train the model at ``model_path`` (weights and tokenizer) on ``texts``; write it to ``out_dir``
+    (Hugging Face layout, safetensors, with ``pretrain.json``: the recipe and the loss curve)."""
+    from spice_ray.executor import torch_threads
+    from spice_ray.models import load_causal_lm, load_tokenizer
+
+    t0 = time.time()
+    tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    blocks = token_blocks(texts, tokenizer, block_size)
+    with torch_threads(1):
+        torch.manual_seed(seed)
+        model = load_causal_lm(model_path, trust_remote_code=trust_remote_code)
+        losses = pretrain_model(model, blocks, steps=steps, batch_size=batch_size, lr=lr, seed=seed)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    log = {"base": model_path, "steps": steps, "block_size": block_size, "batch_size": batch_size, "lr": lr, "seed": seed,
+           "blocks": len(blocks), "tokens_seen": steps * batch_size * block_size, "loss_first": losses[0],
+           "loss_last": sum(losses[-10:]) / len(losses[-10:]), "seconds": round(time.time() - t0, 1)}
+    (tmp / "pretrain.json").write_text(json.dumps(log | {"losses": losses}, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    logger.info("pretrained %s for %d steps: loss %.3f → %.3f (%.0f s)", model_path, steps, log["loss_first"], log["loss_last"], log["seconds"])
+    return log
+
+
+def demo_texts(tokenizer: Any, rows: int, seed: int) -> list[str]:
+    """Generated demo records (another seed than the demo's pool and eval set), rendered as chats."""
+    from spice_ray.corpus.demo import generate_demo_corpus
+    from spice_ray.corpus.formats import normalize_row
+    from spice_ray.corpus.tokenize import render_text
+
+    return [render_text(tokenizer, normalize_row(row)) for row in generate_demo_corpus(n=rows, seed=seed)]
+
+
+def materialize_pretrained_builtin(base: str, out_dir: str | Path, seed: int = 0) -> Path:
+    """``builtin:<base>-pretrained``: the built-in pre-trained on the demo recipe, cached per node
+    under ``$SPICE_CACHE/builtin`` and copied to ``out_dir``."""
+    from spice_ray.models import load_tokenizer
+    from spice_ray.models.builtin import materialize_builtin
+
+    out = Path(out_dir)
+    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+        return out
+    recipe = hashlib.sha256(json.dumps({"base": base, "init_seed": seed, **DEMO_PRETRAIN}, sort_keys=True).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("SPICE_CACHE", Path.home() / ".cache" / "spice-ray")) / "builtin" / f"{base}-pretrained-{recipe}"
+    if not (cache / "model.safetensors").exists():
+        with tempfile.TemporaryDirectory(prefix="spice-builtin-") as tmp:
+            init = materialize_builtin(base, Path(tmp) / base, seed=seed)
+            texts = demo_texts(load_tokenizer(str(init)), DEMO_PRETRAIN["rows"], DEMO_PRETRAIN["seed"])
+            pretrain(str(init), texts, cache, steps=DEMO_PRETRAIN["steps"], block_size=DEMO_PRETRAIN["block_size"],
+                     batch_size=DEMO_PRETRAIN["batch_size"], lr=DEMO_PRETRAIN["lr"], seed=seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    shutil.copytree(cache, tmp_out, dirs_exist_ok=True)
+    try:
+        os.replace(tmp_out, out)
+    except OSError:  # another writer finished first
+        shutil.rmtree(tmp_out, ignore_errors=True)
+    return out
