@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU measurements for the sketch (issue #3) and the selection (issue #4) on one CUDA GPU, in a few
 # minutes. Needs torch with CUDA, transformers, peft, tokenizers, pyarrow, numpy, pydantic and
-# pytest; not Ray or DeepSpeed (the train stage's GPU check is benchmarks/gpu_check.sh).
+# pytest; not Ray or DeepSpeed (the train stage on a GPU is in benchmarks/gpu_suite.sh).
 #
 #   bash benchmarks/gpu_bench.sh [LOGDIR]          (env: PYTHON=python3)
 #
@@ -24,7 +24,7 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 
 step "1 CUDA selection tests"
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_select_engines.py -k "cuda or torch or every_method" \
+timeout 120 $PY -m pytest -q -p no:cacheprovider tests/unit/test_select_engines.py -k "cuda or torch or every_method" \
   2>&1 | tee "$LOG/select_tests.log"
 
 step "2a sketch vs LESS reference, hidden 256 x 4 layers, d=8192"

@@ -93,11 +93,17 @@ def build(args):
     )
     model = add_lora(LlamaForCausalLM(config), r=args.rank, alpha=2 * args.rank,
                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], seed=args.seed).eval()
-    with torch.no_grad():  # as after a warm-up: B ≠ 0, so lora_A gradients are not zero
+    warm_lora(model)
+    return model, tokenizer, enc, source
+
+
+def warm_lora(model: torch.nn.Module) -> None:
+    """Move every LoRA B off zero, as after a warm-up: no lora_A gradient is then zero, so no layer is
+    skipped by the sketcher and the LESS reference flattens no all-zero block."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    return model, tokenizer, enc, source
 
 
 def sync() -> None:
@@ -105,7 +111,27 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-DEVICE = torch.device("cpu")  # --device
+DEVICE = torch.device("cpu")  # --device; set_device() changes it for the run_* functions below
+
+
+def set_device(name: str | torch.device) -> torch.device:
+    """Where the run_* functions put batches and the reference's gradients (other scripts import them)."""
+    global DEVICE
+    DEVICE = torch.device(name)
+    return DEVICE
+
+
+def dense_projection(projection, names: list[str], device: torch.device) -> torch.Tensor:
+    """LESS's dense d × D matrix: the blocks P_out ⊗ P_in of ``names``, side by side in that order,
+    written into one preallocated tensor on ``device`` (no concatenation: it may be tens of GB)."""
+    blocks = [projection.shapes[n] for n in names]
+    dense = torch.empty(projection.dim, sum(o * i for o, i in blocks), device=device)
+    at = 0
+    for name in names:
+        block = projection.dense(name)
+        dense[:, at : at + block.shape[1]] = block
+        at += block.shape[1]
+    return dense
 
 
 def run_sketch(sketcher, enc, batches, pad_id, mask: bool, width_of=None):
@@ -160,7 +186,7 @@ def make_bergson(model, enc, args, n_modules: int):
     """A callable timing bergson's in-memory collector, or the reason it cannot run here."""
     try:
         import bergson  # noqa: F401
-        from bergson import GradientProcessor, InMemoryCollector, IndexConfig
+        from bergson import GradientProcessor, IndexConfig, InMemoryCollector
         from bergson.collector.collector import CollectorComputer
         from datasets import Dataset
     except Exception as e:  # not installed, or its imports fail on this machine
@@ -206,8 +232,7 @@ def main() -> None:
     ap.add_argument("--no-bergson", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu | cuda (the model, batches and dense P go there)")
     args = ap.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    set_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -227,7 +252,7 @@ def main() -> None:
     params = {n: sketchers["auto"].layers[n].weight for n in names}
     D = sum(params[n].numel() for n in names)
     t0 = time.perf_counter()
-    dense = torch.cat([sketchers["auto"].projection.dense(n) for n in names], dim=1).to(DEVICE)
+    dense = dense_projection(sketchers["auto"].projection, names, DEVICE)
     dense_s = time.perf_counter() - t0
     n_tok = sum(lengths)
     print(f"data: {len(enc)} records from {source}; tokens {n_tok} (mean {n_tok / len(enc):.0f}, max {max(lengths)})")
