@@ -33,7 +33,7 @@ test: venv
 	$(BIN)/pytest
 
 test-fast: venv
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest tests/unit -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

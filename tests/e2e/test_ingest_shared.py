@@ -9,15 +9,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import shared_data_or_skip
 
 from spice_ray.config import CorpusConfig
 from spice_ray.corpus import ingest
+from spice_ray.testing import shared_data_or_skip
 
 logger = logging.getLogger(__name__)
 
 
-@pytest.mark.slow
+@pytest.mark.real_data
 def test_ingest_all_shared_data(tiny_model_dir, tmp_path):
     from spice_ray.models import load_tokenizer
 

@@ -12,12 +12,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ray_head
 from spice_ray.config import load_config
 from spice_ray.submit import submission_id
+from spice_ray.testing import ray_head
 
-pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.ray
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -44,7 +44,7 @@ def wait_for(address: str, job_id: str, timeout: float = 900) -> str:
 
 def test_ray_job_submit_then_spice_ray_submit(head_address, tmp_path):
     root = tmp_path / "smoke"
-    overrides = [f"run.root={root}", "corpus.demo_size=120", "train.max_steps=2"]
+    overrides = [f"run.root={root}", "corpus.demo_size=120", "train.max_steps=2", "train.num_workers=1"]
     env = {**os.environ, "RAY_ADDRESS": head_address}
     job_id = "smoke-ray-job-submit"
     submit = [

@@ -12,7 +12,7 @@ from spice_ray.config import load_config
 from spice_ray.pipeline import STAGES, list_runs, run_pipeline
 from spice_ray.select import logdet_of, read_sketches
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
 
 def small_config(root, **extra):
@@ -63,7 +63,13 @@ def test_pipeline_writes_every_artifact(finished_run):
     assert selection["rank"].tolist() == list(range(len(selection)))
     index = {u: i for i, u in enumerate(uids)}
     picked = [index[u] for u in selection["uid"]]
-    assert summary["logdet"] == pytest.approx(logdet_of(sketches, picked, alpha=cfg.select.alpha), rel=1e-6)
+    # the selection saw the sketches scaled by their loss tokens (select.scale) with α resolved from them (auto)
+    from spice_ray.select.io import read_sketch_column
+    from spice_ray.select.prepare import resolve_alpha, scale_sketches
+
+    scaled = scale_sketches(sketches, read_sketch_column(str(root / "sketch" / "sketches"), "n_loss_tokens"), cfg.select.scale)
+    assert summary["alpha"] == pytest.approx(resolve_alpha(scaled, cfg.select.alpha))
+    assert summary["logdet"] == pytest.approx(logdet_of(scaled, picked, alpha=summary["alpha"]), rel=1e-6)
 
     train = outcomes["train"].manifest["result"]
     assert train["steps"] == 3 and np.isfinite(train["loss"])

@@ -23,12 +23,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import free_port, ray_head
 from spice_ray.corpus.demo import write_demo_corpus
 from spice_ray.pipeline import STAGES, RunRoot, list_runs, verify_artifacts
+from spice_ray.testing import free_port, ray_head
 
-pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.slow, pytest.mark.s3]
+REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 BUCKET = "spice"
 
@@ -100,8 +100,9 @@ def test_smoke_run_on_s3_resumes_and_keeps_every_artifact(s3_env, tmp_path, monk
     write_demo_corpus(corpus, n=150, seed=3)
     pafs.copy_files(str(corpus), f"{BUCKET}/corpus", source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
     root = f"s3://{BUCKET}/runs/smoke"
+    # one train worker (plain torch): the 2-worker DeepSpeed path is tested in tests/integration
     sets = [
-        f"run.root={root}", f"corpus.paths=[s3://{BUCKET}/corpus]", "train.max_steps=2",
+        f"run.root={root}", f"corpus.paths=[s3://{BUCKET}/corpus]", "train.max_steps=2", "train.num_workers=1",
         f"sketch.cache_dir=s3://{BUCKET}/cache/sketches",
     ]
     args = [arg for s in sets for arg in ("--set", s)]

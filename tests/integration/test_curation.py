@@ -24,6 +24,7 @@ from spice_ray.storage import Store
 def _config(root: Path, corpus: Path, *extra: str):
     return load_config(None, [
         f"run.root={root}", "run.executor=local", f"corpus.paths=[{corpus}]", "sketch.dim=32", "sketch.batch_size=16",
+        "model.proxy=builtin:tiny-llama", "model.target=builtin:tiny-llama",  # untrained built-ins: no pre-training wait
         "sketch.fidelity_sample=0", "select.fraction=0.1", "train.max_steps=3", "train.micro_batch_size=2",
         "eval.demo_size=24", *extra,
     ])

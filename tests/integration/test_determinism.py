@@ -14,7 +14,6 @@ import random
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from spice_ray.config import load_config
 from spice_ray.corpus import generate_demo_corpus
@@ -110,7 +109,6 @@ def _run(root, corpus, *extra):
     }
 
 
-@pytest.mark.slow
 def test_same_sketches_and_picks_for_any_worker_count_and_input_order(ray_session, tmp_path):
     rows = generate_demo_corpus(n=N_ROWS, seed=0)
     orders = {

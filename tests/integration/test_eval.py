@@ -80,7 +80,6 @@ def test_loss_sums_match_per_token_cross_entropy_by_hand(tiny_model_dir: Path) -
     assert summarize(0.0, 0) == {"loss": None, "perplexity": None}
 
 
-@pytest.mark.slow
 def test_eval_stage_results_match_direct_computation(ray_executor, tiny_model_dir: Path, tmp_path: Path) -> None:
     from spice_ray.corpus.tokenize import encode_batch
     from spice_ray.evaluate import RESULTS_FILE, run_eval_stage
@@ -155,7 +154,6 @@ metadata:
 """
 
 
-@pytest.mark.slow
 def test_lm_eval_smoke_on_an_exported_model(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """The exported layout (config, safetensors, tokenizer) loads as lm-eval-harness's ``hf`` model;
     a local multiple-choice task (no download) runs end to end."""

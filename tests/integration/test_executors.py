@@ -11,7 +11,7 @@ from spice_ray.config import load_config
 from spice_ray.executor import LocalExecutor
 from spice_ray.pipeline import STAGES, run_pipeline
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = pytest.mark.ray
 
 
 def _config(root, executor: str, corpus):

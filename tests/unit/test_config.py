@@ -8,9 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from spice_ray.cli import app
-from spice_ray.config import ConfigError, config_reference_markdown, dump_config, load_config
+from spice_ray.config import (
+    ConfigError,
+    config_reference_markdown,
+    dump_config,
+    load_config,
+)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_defaults_and_overrides(tmp_path):

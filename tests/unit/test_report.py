@@ -121,9 +121,9 @@ def make_run(
         manifest("sketch", {"sketches": str(sk), "n_records": n, "n_sketches": n, "num_workers": 1})
 
     if "select" in stages:
-        from spice_ray.select.job import select_to_dir
+        from spice_ray.select.stage import select_to_dir
 
-        cfg = SelectConfig(method=method, k=k, fraction=None, alpha=1.0, lam=lam, omega=omega, seed=0)
+        cfg = SelectConfig(method=method, k=k, fraction=None, alpha=1.0, scale="none", lam=lam, omega=omega, seed=0)
         summary = select_to_dir(str(root / "sketch" / "sketches"), str(root / "select"), cfg)
         manifest("select", {"selection": str(root / "select" / "selection.parquet"), **summary})
 

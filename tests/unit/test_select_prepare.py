@@ -10,7 +10,11 @@ import pyarrow as pa
 import pytest
 
 from spice_ray.select import select
-from spice_ray.select.diagnostics import candidate_diagnostics, candidate_scores, spearman
+from spice_ray.select.diagnostics import (
+    candidate_diagnostics,
+    candidate_scores,
+    spearman,
+)
 from spice_ray.select.prepare import quotas, resolve_alpha, scale_sketches
 
 

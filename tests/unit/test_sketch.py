@@ -12,9 +12,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from spice_ray.models import add_lora
-from spice_ray.sketch import GradientSketcher, KroneckerProjection, ProjectionSpec, factor_dim, per_sample_loss
-from spice_ray.sketch.checkpoint import CheckpointMismatch, apply_weights, load_training_state
+from spice_ray.sketch import (
+    GradientSketcher,
+    KroneckerProjection,
+    ProjectionSpec,
+    factor_dim,
+    per_sample_loss,
+)
 from spice_ray.sketch.gradients import AdamMoments
+from spice_ray.sketch.optimizer_state import (
+    CheckpointMismatch,
+    apply_weights,
+    load_training_state,
+)
 from spice_ray.sketch.projection import choose_method
 from spice_ray.sketch.worker import distortion, padding_fraction, token_budget_batches
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import yaml
 
 from spice_ray.config import load_config, redact
 from spice_ray.pipeline import run_pipeline

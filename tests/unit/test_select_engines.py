@@ -27,7 +27,12 @@ from spice_ray.select import (
     select,
     select_shards,
 )
-from spice_ray.select.diagnostics import cross_energy, curvature, leave_one_out_gains, spearman
+from spice_ray.select.diagnostics import (
+    cross_energy,
+    curvature,
+    leave_one_out_gains,
+    spearman,
+)
 from spice_ray.select.io import read_sketch_uids
 
 
@@ -151,7 +156,7 @@ def test_canonical_scores_do_not_depend_on_the_batch() -> None:
 
 
 def test_eager_blocks_over_threads_and_replay_blocks() -> None:
-    from spice_ray.select.shard import EagerNumpy
+    from spice_ray.select.engines import EagerNumpy
 
     G = sketch_like(16, n=1000, d=12)
     want = select(G, 90, lam=0.3, lazy=True).indices.tolist()
@@ -223,29 +228,6 @@ def test_read_sketches_uid_range(tmp_path) -> None:
     assert read_sketches(str(tmp_path), uid_range=(hi, None))[0].tolist() == all_uids[30:].tolist()
 
 
-@pytest.mark.slow
-def test_ray_shard_actors_equal_single(ray_session, tmp_path) -> None:
-    from spice_ray.select.sharded import select_sharded
-
-    G = sketch_like(5, n=150, d=12, dup=5)
-    rng = np.random.default_rng(0)
-    uids = [f"{rng.integers(1 << 60):016x}" for _ in range(len(G))]
-    _write(tmp_path / "part-0.parquet", uids[:80], G[:80])
-    _write(tmp_path / "part-1.parquet", uids[80:], G[80:])
-    order = np.argsort(uids)
-    single = select(G[order], 20, lam=0.3)
-    # each of 3 shard actors reads its own uid range; one replays from a checkpoint
-    sel, got_uids = select_sharded(
-        str(tmp_path), 20, n_shards=3, lam=0.3, num_cpus=0.5, checkpoint_dir=str(tmp_path / "ck"), checkpoint_every=5
-    )
-    assert got_uids.tolist() == sorted(uids)
-    assert sel.indices.tolist() == single.indices.tolist()
-    assert np.array_equal(sel.gains, single.gains) and sel.stats["shards"] == 3
-    arr, _ = select_sharded(G[order], 20, n_shards=2, lam=0.3, lazy=False, num_cpus=0.5)
-    assert arr.indices.tolist() == single.indices.tolist()
-    # resume: the checkpoint holds all 20 picks; a rerun replays them and ends the same
-    again, _ = select_sharded(str(tmp_path), 20, n_shards=2, lam=0.3, num_cpus=0.5, checkpoint_dir=str(tmp_path / "ck"))
-    assert again.indices.tolist() == single.indices.tolist() and again.stats["replayed"] == 20
 
 
 # -------------------------------------------------------------------------------- checkpoint/resume
@@ -359,7 +341,7 @@ def test_less_top_k_cosine_to_target_mean() -> None:
 def test_every_method_from_config(tmp_path) -> None:
     """The SelectConfig fields reach the engine: select_to_dir (what the actor runs) equals select()."""
     from spice_ray.config import SelectConfig
-    from spice_ray.select.job import select_to_dir
+    from spice_ray.select.stage import select_to_dir
 
     G = sketch_like(13, n=90, d=6)
     uids = [f"u{i:03d}" for i in range(90)]
@@ -370,7 +352,7 @@ def test_every_method_from_config(tmp_path) -> None:
     _write(tmp_path / "target.parquet", [f"t{i}" for i in range(5)], T)
 
     def picks(out: str, **fields) -> list[str]:
-        select_to_dir(str(tmp_path / "pool.parquet"), str(tmp_path / out), SelectConfig(k=12, **fields))
+        select_to_dir(str(tmp_path / "pool.parquet"), str(tmp_path / out), SelectConfig(k=12, **({"scale": "none", "alpha": 1.0} | fields)))
         return pq.read_table(tmp_path / out / "selection.parquet").column("uid").to_pylist()
 
     def names(indices) -> list[str]:

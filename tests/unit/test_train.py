@@ -1,12 +1,9 @@
-"""Train stage: DeepSpeed presets, LR schedule, length grouping, the tokenizing UDF, and real
-2-worker Ray Train + DeepSpeed runs: ZeRO-2 LoRA with a killed worker that resumes, checkpoints,
-export and a resuming rerun; ZeRO-2 vs ZeRO-3 full fine-tuning; uneven shards under ZeRO-3; and the
-same loop in one process without Ray."""
+"""Train stage without Ray: DeepSpeed presets, LR schedule, length grouping, the training rows, the
+loop in one process (plain torch; DeepSpeed under gloo, slow), export helpers. The 2-worker Ray Train
++ DeepSpeed runs are in tests/integration/test_train_ray.py."""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 
@@ -14,45 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spice_ray.config import Config, ModelConfig, TrainConfig
+from spice_ray.config import ModelConfig, TrainConfig
+from spice_ray.testing import train_config, train_records
 from spice_ray.train.deepspeed_config import deepspeed_config
-
-TOPICS = ["rivers", "bread", "stars", "trains", "music", "chess", "tea", "rain", "maps", "bees"]
-
-
-def _records(n: int = 40) -> list[dict]:
-    rows = []
-    for i in range(n):
-        topic = TOPICS[i % len(TOPICS)]
-        messages = [
-            {"role": "user", "content": f"Tell me one fact about {topic} (question {i})."},
-            {"role": "assistant", "content": f"Here is fact number {i} about {topic}: it is {i % 7 + 2} times nicer than you think."},
-        ]
-        if i % 3 == 0:
-            messages.insert(0, {"role": "system", "content": "You are brief."})
-        uid = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
-        rows.append({"uid": uid, "source": f"src{i % 2}", "messages": messages, "n_tokens": 0, "file": "inline", "line": i})
-    return rows
-
-
-def _write_inputs(tmp_path: Path, n: int = 40, n_selected: int = 32) -> tuple[str, str, list[dict]]:
-    rows = _records(n)
-    records = tmp_path / "records"
-    records.mkdir()
-    pq.write_table(pa.Table.from_pylist(rows), records / "part-0.parquet")
-    picked = rows[::-1][:n_selected]  # not the records' order: the filter must go by uid
-    selection = pa.table(
-        {
-            "uid": [r["uid"] for r in picked],
-            "rank": list(range(len(picked))),
-            "gain": [1.0 / (k + 1) for k in range(len(picked))],
-            "conflict": [0.0] * len(picked),
-            "score": [1.0 / (k + 1) for k in range(len(picked))],
-        }
-    )
-    pq.write_table(selection, tmp_path / "selection.parquet")
-    return str(records), str(tmp_path / "selection.parquet"), rows
-
 
 # ---------------------------------------------------------------------------------------- unit
 
@@ -81,7 +42,7 @@ def test_training_rows_are_the_selection_tokenized_in_seeded_order(tiny_model_di
     from spice_ray.models import load_tokenizer
     from spice_ray.train.trainer import tokenize_selection, training_rows
 
-    rows = _records(10)
+    rows = train_records(10)
     tok = load_tokenizer(str(tiny_model_dir))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "records.parquet")
     wanted = {rows[1]["uid"], rows[4]["uid"], rows[7]["uid"]}
@@ -105,185 +66,6 @@ def test_training_rows_are_the_selection_tokenized_in_seeded_order(tiny_model_di
 # ------------------------------------------------------------------------------- Ray + DeepSpeed
 
 
-def _cfg(max_steps: int | None = None, **train) -> Config:
-    values = dict(
-        num_workers=2,
-        cpus_per_worker=0.5,
-        use_gpu=None,
-        zero_stage=2,
-        lora=True,
-        epochs=1,
-        max_steps=max_steps,
-        micro_batch_size=2,
-        grad_accum=1,
-        lr=5e-3,
-        checkpoint_every=2,
-    )
-    values.update(train)
-    return Config(model=ModelConfig(lora_r=4, lora_alpha=8.0), train=TrainConfig(**values))
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_train_lora_zero2_killed_worker_resumes_then_rerun_resumes(ray_executor, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """ZeRO-2 + LoRA, 2 workers, 16 steps. Rank 1's process is SIGKILLed after the first checkpoint
-    (step 4); FailureConfig(max_failures=1) restarts the worker group, which resumes from the latest
-    checkpoint and ends at the same 16 steps with each step in the history once. Then checkpoint
-    content, export (reload + logits), and a rerun with 3 epochs that resumes at step 16."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from spice_ray.models import add_lora, load_causal_lm
-    from spice_ray.train import run_train_stage
-    from spice_ray.train.faults import KillWorkerAfterCheckpoint
-
-    records, selection, _ = _write_inputs(tmp_path)
-    out_dir = tmp_path / "train"
-    cfg = _cfg(epochs=2, checkpoint_every=4, max_failures=1, keep_checkpoints=2)
-
-    # ---- first run: 32 rows / 2 workers / micro-batch 2 = 8 steps per epoch, 2 epochs; killed once
-    summary = run_train_stage(
-        cfg, ray_executor, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(out_dir),
-        callbacks=[KillWorkerAfterCheckpoint(rank=1, after=1)],
-    )
-    assert summary["planned_steps"] == 16
-    assert summary["steps"] == 16 and summary["epoch"] == 1  # the last step's (0-based) epoch
-    assert summary["resumed_from_step"] in (4, 8, 12), summary  # restarted from a checkpoint, not from 0
-    assert summary["n_selected"] == 32 and summary["n_train_rows"] == 32
-    assert summary["world_size"] == 2 and summary["use_gpu"] is False and summary["zero_stage"] == 2
-    assert summary["dropped_rows"] == 0 and summary["effective_batch"] == 4
-    assert math.isfinite(summary["loss"]) and summary["tokens"] > 0
-    assert summary["peak_memory_gb"] > 0
-    history = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in history] == list(range(1, 17))
-    assert all(math.isfinite(m["loss"]) and m["lr"] > 0 for m in history)
-    assert [m["epoch"] for m in history] == [0] * 8 + [1] * 8
-    assert history[-1]["tokens"] == summary["tokens"]
-    # warm-up then cosine decay: peak at the end of the warm-up (1 step), lower at the end
-    assert history[0]["lr"] == pytest.approx(5e-3) and history[-1]["lr"] < history[8]["lr"] < history[0]["lr"]
-
-    # the latest checkpoint: one merged directory with both ranks' ZeRO shards and the loop state
-    ckpt = Path(summary["checkpoint"])
-    state = json.loads((ckpt / "train_state.json").read_text())
-    assert state["step"] == 16 and (state["epoch"], state["batches_in_epoch"]) == (1, 8)  # at the end of epoch 1
-    shards = sorted(p.name for p in (ckpt / state["tag"]).iterdir())
-    assert "mp_rank_00_model_states.pt" in shards
-    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(shards)
-
-    # the export: plain HF weights (LoRA merged), same architecture, different from the base
-    export = Path(summary["model"])
-    assert export == out_dir / "model" and (export / "model.safetensors").exists()
-    assert (export / "tokenizer.json").exists()
-    assert not (export / "adapter_config.json").exists()
-    exported = AutoModelForCausalLM.from_pretrained(export).eval()
-    base = load_causal_lm(str(tiny_model_dir)).eval()
-    assert exported.config.model_type == base.config.model_type
-    assert exported.config.hidden_size == base.config.hidden_size
-    q = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(exported.state_dict()[q], base.state_dict()[q])
-    k = "model.layers.0.mlp.up_proj.weight"  # not a LoRA target: untouched
-    assert torch.equal(exported.state_dict()[k], base.state_dict()[k])
-    # inside the worker: trained (unmerged) module vs merged export, same logits
-    assert summary["export_max_abs_diff"] is not None and summary["export_max_abs_diff"] < 1e-4
-    # here: the LoRA weights of the checkpoint, merged into the base, give the export's logits
-    module_states = torch.load(ckpt / state["tag"] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-    lora_states = {k: v for k, v in module_states.items() if "lora_" in k}
-    assert lora_states
-    peft = add_lora(load_causal_lm(str(tiny_model_dir)), r=cfg.model.lora_r, alpha=cfg.model.lora_alpha, target_modules=cfg.model.lora_target_modules)
-    missing = peft.load_state_dict(lora_states, strict=False)
-    assert not missing.unexpected_keys
-    merged = peft.merge_and_unload().eval()
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
-    with torch.no_grad():
-        torch.testing.assert_close(exported(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(exported(input_ids=ids).logits, base(input_ids=ids).logits, atol=1e-4)
-
-    # ---- rerun, same storage, 3 epochs: resumes at step 16 and runs steps 17..24
-    cfg3 = _cfg(epochs=3, checkpoint_every=4, keep_checkpoints=2)
-    summary2 = run_train_stage(
-        cfg3, ray_executor, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(out_dir)
-    )
-    assert summary2["resumed_from_step"] == 16
-    assert summary2["steps"] == 24 and summary2["epoch"] == 2
-    history2 = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in history2] == list(range(1, 25))
-    assert history2[:16] == history  # the pre-resume history is kept, not redone
-    assert history2[16]["tokens"] > history[-1]["tokens"] and all(m["lr"] > 0 for m in history2)
-    state2 = json.loads((Path(summary2["checkpoint"]) / "train_state.json").read_text())
-    assert state2["step"] == 24 and (state2["epoch"], state2["batches_in_epoch"]) == (2, 8)
-    exported2 = AutoModelForCausalLM.from_pretrained(export)
-    assert not torch.equal(exported2.state_dict()[q], exported.state_dict()[q])
-    # keep_checkpoints=2: only the two latest checkpoints (steps 20 and 24) are left
-    run_dir = out_dir / "checkpoints" / "ray_train"
-    kept = [p for p in run_dir.iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
-    assert sorted(json.loads((p / "train_state.json").read_text())["step"] for p in kept) == [20, 24]
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_train_full_finetune_zero2_equals_zero3(ray_executor, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Full fine-tuning (no LoRA): ZeRO-2 (rank 0 holds the weights) and the ZeRO-3 preset (weights
-    gathered from the shards at export; with gradient checkpointing) train the same model; both
-    exports are plain HF checkpoints with every weight moved."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from spice_ray.models import load_causal_lm
-    from spice_ray.train import run_train_stage
-
-    records, selection, _ = _write_inputs(tmp_path)
-    base = load_causal_lm(str(tiny_model_dir)).eval()
-    logits = {}
-    ids = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
-    for stage, zero_stage, checkpointing in ((2, 2, False), (3, None, True)):
-        cfg = _cfg(max_steps=3, zero_stage=zero_stage, lora=False, gradient_checkpointing=checkpointing)
-        summary = run_train_stage(
-            cfg, ray_executor, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(tmp_path / f"zero{stage}")
-        )
-        assert summary["zero_stage"] == stage  # zero_stage: null + full fine-tuning -> ZeRO-3
-        assert summary["steps"] == 3 and math.isfinite(summary["loss"])
-        assert summary["trainable_params"] == sum(p.numel() for p in base.parameters())
-        model = AutoModelForCausalLM.from_pretrained(summary["model"]).eval()
-        sd, base_sd = model.state_dict(), base.state_dict()
-        assert sd.keys() == base_sd.keys()
-        assert all(not torch.equal(sd[k], base_sd[k]) for k in sd)
-        with torch.no_grad():
-            logits[stage] = model(input_ids=ids).logits
-    # the 32 rows are shuffled with the same seed into one block and split equally, and the length
-    # windows are seeded by (seed, epoch, rank, window), so each step's global batch is the same in
-    # both runs: the same model (gradient checkpointing changes memory, not the math)
-    torch.testing.assert_close(logits[2], logits[3], atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_uneven_shards_do_not_hang_zero3_lora(ray_executor, tiny_model_dir: Path, tmp_path: Path) -> None:
-    """Rank 0 gets 20 rows and rank 1 gets 12 (not Ray Train's equal split). ZeRO-3 gathers weights
-    in every forward, so a rank that ran more micro-batches than the other would wait forever; the
-    loop's MIN all-reduce per window runs 6 micro-batches on both and drops rank 0's other 8 rows.
-    Also: the ZeRO-3 + LoRA export (adapters gathered from the shards, then merged)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from spice_ray.models import load_causal_lm
-    from spice_ray.train import run_train_stage
-    from spice_ray.train.faults import UnevenShards
-
-    records, selection, _ = _write_inputs(tmp_path)
-    cfg = _cfg(zero_stage=3, lora=True, grad_accum=2, length_window=2, checkpoint_every=100)
-    summary = run_train_stage(
-        cfg, ray_executor, records_path=records, selection_path=selection, model_path=str(tiny_model_dir), out_dir=str(tmp_path / "uneven"),
-        data_config=UnevenShards([20]),
-    )
-    # windows of 4 rows: rank 0 has 5, rank 1 has 3 -> 3 windows x 2 micro-batches = 6 = 3 steps
-    assert summary["steps"] == 3 and summary["dropped_rows"] == 8
-    assert summary["zero_stage"] == 3 and math.isfinite(summary["loss"])
-    exported = AutoModelForCausalLM.from_pretrained(summary["model"]).eval()
-    base = load_causal_lm(str(tiny_model_dir)).eval()
-    q = "model.layers.0.self_attn.q_proj.weight"
-    assert not torch.equal(exported.state_dict()[q], base.state_dict()[q])
-
-
 # -------------------------------------------------------------- the loop without Ray (one process)
 
 
@@ -291,7 +73,7 @@ def _tokenized_table(tiny_model_dir: Path, n: int = 24):
     from spice_ray.models import load_tokenizer
     from spice_ray.train.trainer import tokenize_selection
 
-    table = pa.Table.from_pylist(_records(n)).select(["uid", "messages"])
+    table = pa.Table.from_pylist(train_records(n)).select(["uid", "messages"])
     return tokenize_selection(table, load_tokenizer(str(tiny_model_dir)), max_tokens=1024)
 
 
@@ -310,7 +92,7 @@ def test_local_session_loop_checkpoints_and_resumes(tiny_model_dir: Path, tmp_pa
     with group:
         results = []
         for max_steps in (3, 5):
-            cfg = _cfg(max_steps=max_steps, num_workers=1, micro_batch_size=4, gradient_checkpointing=True, engine=engine)
+            cfg = train_config(max_steps=max_steps, num_workers=1, micro_batch_size=4, gradient_checkpointing=True, engine=engine)
             config = loop_config(
                 cfg, model_path=str(tiny_model_dir), tokenizer_path=str(tiny_model_dir),
                 export_dir=str(tmp_path / "model"), use_gpu=False, pad_id=0, total_steps=5,  # one schedule: 3 steps, then resume to 5
@@ -398,7 +180,7 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_model_dir: Path) -> Non
     from spice_ray.train.loop import _build_model
 
     tok = load_tokenizer(str(tiny_model_dir))
-    batch = pad_batch(encode_batch(tok, [r["messages"] for r in _records(4)]), tok.pad_token_id)
+    batch = pad_batch(encode_batch(tok, [r["messages"] for r in train_records(4)]), tok.pad_token_id)
     grads = {}
     for gc in (False, True):
         model = _build_model(ModelConfig(lora_r=4, lora_alpha=8.0), TrainConfig(gradient_checkpointing=gc), str(tiny_model_dir))
@@ -429,7 +211,7 @@ def test_recipes(name: str) -> None:
     """jobs/: the paper's setup and LESS's, for both targets, each with its same-family proxy."""
     from spice_ray.config import load_config
 
-    cfg = load_config(Path(__file__).resolve().parents[1] / "jobs" / f"{name}.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "jobs" / f"{name}.yaml")
     m, t = cfg.model, cfg.train
     proxy = {"Qwen/Qwen2-7B": "Qwen/Qwen2-0.5B", "meta-llama/Llama-2-7b-hf": "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"}
     assert proxy[m.target] == m.proxy
@@ -450,7 +232,9 @@ def test_unregistered_checkpoints_are_pruned(tmp_path: Path) -> None:
     registered (so outside keep_checkpoints); the train stage removes those after the run."""
     from types import SimpleNamespace
 
-    from spice_ray.ray_executor import prune_unregistered_checkpoints as _prune_unregistered_checkpoints
+    from spice_ray.ray_executor import (
+        prune_unregistered_checkpoints as _prune_unregistered_checkpoints,
+    )
 
     for name in ("checkpoint_a", "checkpoint_b", "checkpoint_c"):
         (tmp_path / name).mkdir()
@@ -479,3 +263,53 @@ def test_stale_extension_lock_is_removed_and_a_fresh_one_named(tmp_path: Path, c
         assert clear_stale_extension_locks(str(tmp_path)) == [str(stale)]
     assert not stale.exists() and fresh.exists()
     assert str(fresh) in caplog.text and "waiting for that build" in caplog.text
+
+
+class _Planted:
+    """Unpickling this creates a file: the stand-in for code an attacker plants in a checkpoint."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_planted_pickle_is_never_loaded(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The plain-torch engine's checkpoints (one-worker training, the warm-up) are read as
+    safetensors + JSON: pickles planted beside them are never opened, and a checkpoint the run wrote
+    itself that would need unpickling is refused."""
+    import json
+
+    import torch
+
+    from spice_ray.models import add_lora, load_causal_lm
+    from spice_ray.sketch.optimizer_state import CheckpointMismatch, load_training_state
+    from spice_ray.train.loop import LocalSession, run_loop
+    from spice_ray.train.trainer import loop_config
+
+    marker = tmp_path / "pwned"
+    table = _tokenized_table(tiny_model_dir)
+
+    def run(max_steps: int) -> dict:
+        cfg = train_config(max_steps=max_steps, num_workers=1, micro_batch_size=4, checkpoint_every=1, engine="torch")
+        config = loop_config(cfg, model_path=str(tiny_model_dir), tokenizer_path=str(tiny_model_dir),
+                             export_dir=str(tmp_path / "model"), use_gpu=False, pad_id=0, total_steps=3)
+        return run_loop(config, LocalSession(table, tmp_path / "ckpt", keep=2))
+
+    run(2)
+    latest = sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1]
+    tag = json.loads((latest / "train_state.json").read_text())["tag"]
+    for where in (latest / "optimizer.pt", latest / tag / "mp_rank_00_model_states.pt", latest / tag / "optimizer.pt"):
+        torch.save({"state": _Planted(str(marker))}, where)
+    assert run(3)["resumed_from_step"] == 2  # resumed past the planted files
+    model = add_lora(load_causal_lm(str(tiny_model_dir)), r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    state = load_training_state(sorted((tmp_path / "ckpt").glob("checkpoint_*"))[-1], model, pickles=False)
+    assert state.format == "torch" and state.step == 3
+    fake = tmp_path / "fake"
+    (fake / "step_1").mkdir(parents=True)
+    (fake / "train_state.json").write_text(json.dumps({"tag": "step_1"}))
+    torch.save({"module": _Planted(str(marker))}, fake / "step_1" / "mp_rank_00_model_states.pt")
+    with pytest.raises(CheckpointMismatch, match="refusing to unpickle"):
+        load_training_state(fake, model, pickles=False)
+    assert not marker.exists()

@@ -6,11 +6,10 @@ import json
 import sys
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from spice_ray.select import Selection, logdet_of, read_sketches, select
+from spice_ray.testing import select_problem, write_sketches
 
 
 def brute_force_select(sketches: np.ndarray, k: int, *, alpha: float, lam: float) -> list[int]:
@@ -37,28 +36,19 @@ def brute_force_select(sketches: np.ndarray, k: int, *, alpha: float, lam: float
     return picks
 
 
-def problem(seed: int, n: int = 40, d: int = 8, *, anti: int = 6, scale: float = 1.0) -> np.ndarray:
-    """Random sketches around a shared mean direction, with some rows anti-aligned to it."""
-    rng = np.random.default_rng(seed)
-    mean = rng.normal(size=d)
-    mean /= np.linalg.norm(mean)
-    G = 0.8 * mean + 0.6 * rng.normal(size=(n, d))
-    flip = rng.choice(n, size=anti, replace=False)
-    G[flip] = -1.5 * mean + 0.3 * rng.normal(size=(anti, d))
-    return scale * G * rng.uniform(0.5, 1.5, size=(n, 1))
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, 3])
 @pytest.mark.parametrize("lam", [0.0, 0.1, 1.0, 5.0])
 def test_greedy_matches_brute_force(seed: int, lam: float) -> None:
-    G = problem(seed)
+    G = select_problem(seed)
     sel = select(G, 10, method="spice", alpha=1.0, lam=lam)
     assert sel.indices.tolist() == brute_force_select(G, 10, alpha=1.0, lam=lam)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_logdet_method_is_spice_with_lambda_zero(seed: int) -> None:
-    G = problem(seed)
+    G = select_problem(seed)
     a = select(G, 10, method="logdet", lam=5.0)
     b = select(G, 10, method="spice", lam=0.0)
     assert a.indices.tolist() == b.indices.tolist() == brute_force_select(G, 10, alpha=1.0, lam=0.0)
@@ -68,7 +58,7 @@ def test_logdet_method_is_spice_with_lambda_zero(seed: int) -> None:
 def test_conflict_changes_picks() -> None:
     differs = 0
     for seed in range(4):
-        G = problem(seed)
+        G = select_problem(seed)
         spice = select(G, 10, method="spice", lam=5.0)
         logdet = select(G, 10, method="logdet")
         differs += spice.indices.tolist() != logdet.indices.tolist()
@@ -83,7 +73,7 @@ def test_conflict_changes_picks() -> None:
 )
 def test_shapes_n_below_d_and_k_above_d(n: int, d: int, k: int, alpha: float) -> None:
     # k < d uses the factored inverse, k >= d the dense one; both must match the oracle.
-    G = problem(n + d + k, n=n, d=d, anti=3)
+    G = select_problem(n + d + k, n=n, d=d, anti=3)
     for lam in (0.0, 1.0):
         sel = select(G, k, alpha=alpha, lam=lam)
         assert sel.indices.tolist() == brute_force_select(G, k, alpha=alpha, lam=lam)
@@ -93,9 +83,9 @@ def test_shapes_n_below_d_and_k_above_d(n: int, d: int, k: int, alpha: float) ->
 @pytest.mark.parametrize("method", ["spice", "logdet", "random", "gradnorm", "less", "windowed"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_trace_is_consistent(method: str, dtype: type) -> None:
-    G = problem(7, n=60, d=10).astype(dtype)
+    G = select_problem(7, n=60, d=10).astype(dtype)
     alpha, lam = 0.7, 0.3
-    target = problem(8, n=8, d=10, anti=2)
+    target = select_problem(8, n=8, d=10, anti=2)
     sel = select(G, 15, method=method, alpha=alpha, lam=lam, seed=3, target=target, pool_size=20)
     assert isinstance(sel, Selection) and sel.indices.dtype == np.int64
     assert len(set(sel.indices.tolist())) == len(sel) == 15
@@ -122,7 +112,7 @@ def test_trace_is_consistent(method: str, dtype: type) -> None:
 
 def test_logdet_gains_are_non_increasing() -> None:
     for seed in range(3):
-        sel = select(problem(seed, n=80, d=12), 40, method="logdet")
+        sel = select(select_problem(seed, n=80, d=12), 40, method="logdet")
         assert np.all(np.diff(sel.gains) <= 1e-12)
 
 
@@ -145,8 +135,8 @@ def test_early_stop() -> None:
 
 
 def test_budget_exhausted() -> None:
-    G = problem(0, n=9, d=4)
-    target = problem(5, n=3, d=4, anti=1)
+    G = select_problem(0, n=9, d=4)
+    target = select_problem(5, n=3, d=4, anti=1)
     for method in ("spice", "logdet", "random", "gradnorm", "less", "windowed"):
         sel = select(G, 20, method=method, target=target, pool_size=4)
         assert sel.stop_reason == "exhausted" and sorted(sel.indices.tolist()) == list(range(9))
@@ -173,7 +163,7 @@ def test_ties_pick_smallest_index() -> None:
 
 
 def test_random_is_seeded() -> None:
-    G = problem(0)
+    G = select_problem(0)
     a = select(G, 10, method="random", seed=5)
     b = select(G, 10, method="random", seed=5)
     c = select(G, 10, method="random", seed=6)
@@ -183,7 +173,7 @@ def test_random_is_seeded() -> None:
 
 
 def test_gradnorm_picks_largest_norms() -> None:
-    G = problem(1)
+    G = select_problem(1)
     sel = select(G, 10, method="gradnorm")
     norms = np.linalg.norm(G, axis=1)
     assert sel.indices.tolist() == np.argsort(-norms, kind="stable")[:10].tolist()
@@ -192,7 +182,7 @@ def test_gradnorm_picks_largest_norms() -> None:
 
 
 def test_zero_rows_do_not_produce_nan() -> None:
-    G = problem(2, n=20, d=5)
+    G = select_problem(2, n=20, d=5)
     G[[0, 3, 7]] = 0.0
     for method in ("spice", "logdet", "random", "gradnorm"):
         sel = select(G, 20, method=method, lam=1.0)
@@ -208,7 +198,7 @@ def test_zero_rows_do_not_produce_nan() -> None:
 
 
 def test_bad_arguments() -> None:
-    G = problem(0)
+    G = select_problem(0)
     with pytest.raises(ValueError, match="unknown selection method"):
         select(G, 3, method="nope")
     with pytest.raises(ValueError):
@@ -220,7 +210,7 @@ def test_bad_arguments() -> None:
 
 
 def test_progress_bar_runs() -> None:
-    sel = select(problem(0), 5, progress=True)
+    sel = select(select_problem(0), 5, progress=True)
     assert len(sel) == 5
 
 
@@ -232,22 +222,6 @@ def test_library_does_not_import_ray() -> None:
     assert out.stdout.strip() == "False"
 
 
-def _write_sketches(path, uids: list[str], G: np.ndarray, *, fixed: bool = True) -> None:
-    n, d = G.shape
-    values = pa.array(G.reshape(-1), type=pa.float32() if G.dtype == np.float32 else pa.float16())
-    sketch = pa.FixedSizeListArray.from_arrays(values, d) if fixed else pa.ListArray.from_arrays(
-        pa.array(np.arange(0, n * d + 1, d, dtype=np.int32)), values
-    )
-    table = pa.table(
-        {
-            "uid": pa.array(uids),
-            "sketch": sketch,
-            "loss": pa.array(np.ones(n, dtype=np.float32)),
-            "grad_norm": pa.array(np.linalg.norm(G.astype(np.float64), axis=1).astype(np.float32)),
-            "n_tokens": pa.array(np.full(n, 7, dtype=np.int32)),
-        }
-    )
-    pq.write_table(table, path)
 
 
 def test_read_sketches_sorts_and_handles_list_types(tmp_path) -> None:
@@ -257,54 +231,19 @@ def test_read_sketches_sorts_and_handles_list_types(tmp_path) -> None:
     order = np.argsort(uids)
     d1 = tmp_path / "dir"
     d1.mkdir()
-    _write_sketches(d1 / "part-0.parquet", uids[:17], G[:17])
-    _write_sketches(d1 / "part-1.parquet", uids[17:], G[17:], fixed=False)
+    write_sketches(d1 / "part-0.parquet", uids[:17], G[:17])
+    write_sketches(d1 / "part-1.parquet", uids[17:], G[17:], fixed=False)
     (d1 / "manifest.json").write_text("{}")  # non-parquet files in the folder are ignored
     got_uids, got = read_sketches(str(d1))
     assert got.dtype == np.float32 and got.shape == (30, 6)
     assert got_uids.tolist() == sorted(uids)
     assert np.array_equal(got, G[order])
     # float16 sketches in a single file
-    _write_sketches(tmp_path / "h.parquet", uids, G.astype(np.float16))
+    write_sketches(tmp_path / "h.parquet", uids, G.astype(np.float16))
     _, half = read_sketches(str(tmp_path / "h.parquet"))
     assert half.dtype == np.float32 and np.array_equal(half, G.astype(np.float16)[order].astype(np.float32))
-    _write_sketches(tmp_path / "dup.parquet", uids[:3] + uids[:1], G[:4])
+    write_sketches(tmp_path / "dup.parquet", uids[:3] + uids[:1], G[:4])
     with pytest.raises(ValueError, match="duplicate"):
         read_sketches(str(tmp_path / "dup.parquet"))
 
 
-@pytest.mark.slow
-def test_selector_task_matches_direct_select(ray_executor, tmp_path) -> None:
-    from spice_ray.config import SelectConfig
-    from spice_ray.select.job import run_select_stage
-
-    rng = np.random.default_rng(1)
-    n = 120
-    G = problem(11, n=n, d=16).astype(np.float32)
-    uids = [f"{rng.integers(1 << 60):016x}" for _ in range(n)]
-    sketches = tmp_path / "sketches"
-    sketches.mkdir()
-    _write_sketches(sketches / "part-0.parquet", uids[:70], G[:70])
-    _write_sketches(sketches / "part-1.parquet", uids[70:], G[70:])
-    cfg = SelectConfig(method="spice", fraction=0.1, lam=0.5)
-    out = tmp_path / "selection"
-
-    summary = run_select_stage(str(sketches), str(out), cfg, ray_executor)
-
-    order = np.argsort(uids)
-    direct = select(G[order], cfg.budget(n), method="spice", alpha=cfg.alpha, lam=cfg.lam)
-    table = pq.read_table(out / "selection.parquet")
-    assert table.column_names == [
-        "uid", "rank", "gain", "base", "conflict", "score", "logdet", "eps", "eps_bound"
-    ]
-    assert np.allclose(table.column("eps").to_numpy(), direct.eps)
-    assert table.column("uid").to_pylist() == [uids[i] for i in order[direct.indices]]
-    assert table.column("rank").to_pylist() == list(range(12))
-    assert np.allclose(table.column("gain").to_numpy(), direct.gains)
-    assert summary["k_selected"] == 12 and summary["stop_reason"] == "budget"
-    assert summary["logdet"] == pytest.approx(direct.logdet, rel=1e-12)
-    assert summary["logdet"] == pytest.approx(logdet_of(G[order], direct.indices), rel=1e-8)
-    on_disk = json.loads((out / "summary.json").read_text())
-    assert on_disk["logdet"] == summary["logdet"] and on_disk["method"] == "spice"
-    assert not [p for p in out.iterdir() if p.name.startswith((".", "_"))]  # no temp files or checkpoint left
-    assert on_disk["diagnostics"]["steps"] == 12 and "curvature" in on_disk["diagnostics"]
