@@ -35,7 +35,7 @@ def in_proxy_slice(rid: str) -> bool:
 
 def prepare_corpus(data: Path, out: Path) -> Path:
     """The records outside the proxy slice, one JSONL file per source file (written once)."""
-    done = out / "_DONE"
+    done = out / ".done"
     if done.exists():
         return out
     out.mkdir(parents=True, exist_ok=True)

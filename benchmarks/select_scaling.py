@@ -79,7 +79,7 @@ def time_read(G: np.ndarray, reps: int = 7) -> tuple[float, str]:
     spread over the eager pass's threads: the baseline is the best read this machine manages now."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from spice_ray.select.shard import num_threads
+    from spice_ray.select.engines import num_threads
 
     v = np.random.default_rng(1).normal(size=G.shape[1]).astype(G.dtype)
     out = np.empty(G.shape[0], dtype=G.dtype)

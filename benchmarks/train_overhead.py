@@ -47,7 +47,7 @@ def build_inputs(work: Path, args: argparse.Namespace):
     from spice_ray.corpus.demo import generate_demo_corpus
     from spice_ray.corpus.formats import RowError, canonical_uid, normalize_row
     from spice_ray.models import load_tokenizer, materialize_builtin
-    from spice_ray.train.trainer import SelectAndTokenize
+    from spice_ray.train.trainer import tokenize_selection
 
     tiny = materialize_builtin("builtin:tiny-llama", work / "tiny")
     tok = load_tokenizer(str(tiny))
@@ -74,7 +74,7 @@ def build_inputs(work: Path, args: argparse.Namespace):
             rows.append({"uid": uid, "messages": messages})
     rows = rows[: args.rows]
     table = pa.Table.from_pylist(rows)
-    tokenized = SelectAndTokenize(str(model_dir), {r["uid"] for r in rows}, max_tokens=1024)(table)
+    tokenized = tokenize_selection(table, load_tokenizer(str(model_dir)), max_tokens=1024)
     n_params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
     return model_dir, tokenized, n_params
 
@@ -86,6 +86,7 @@ def make_cfg(args: argparse.Namespace):
         model=ModelConfig(lora_r=16, lora_alpha=32.0),
         train=TrainConfig(
             num_workers=1, cpus_per_worker=float(args.threads), use_gpu=False, lora=not args.full, zero_stage=None,
+            engine="deepspeed",  # the same DeepSpeed loop in both modes (one worker would default to plain torch)
             epochs=100, max_steps=args.steps, micro_batch_size=args.micro_batch, grad_accum=1, lr=1e-4,
             checkpoint_every=10**6, keep_checkpoints=1, seed=0,
         ),
@@ -128,17 +129,18 @@ def run_direct(cfg, model_dir: Path, table, work: Path, args: argparse.Namespace
 
 
 def run_ray(cfg, model_dir: Path, table, work: Path, args: argparse.Namespace) -> dict:
-    import ray
+    import pyarrow.parquet as pq
 
-    from spice_ray.train.trainer import fit
+    from spice_ray.executor import Resources
+    from spice_ray.ray_executor import RayExecutor
 
     out = Path(tempfile.mkdtemp(prefix="ray-", dir=work))
     config = loop_cfg(cfg, model_dir, out / "model", args)
-    ds = ray.data.from_arrow(table)
+    pq.write_table(table, out / "rows.parquet")
     t0 = time.perf_counter()
-    result = fit(cfg, ds, config, storage_path=str(out / "ray_train"))
+    ret, _ = RayExecutor().train(config, rows=str(out / "rows.parquet"), storage=str(out / "checkpoints"),
+                                 resources=Resources(cpus=float(args.threads), workers=1), max_failures=0, keep=1)
     e2e = time.perf_counter() - t0
-    ret = result.return_value
     return {"e2e_s": e2e, "step_s": ret["step_seconds"], "steps": ret["final"]["step"], "loss": ret["final"]["loss"],
             "padding": ret["padding_fraction"]}
 

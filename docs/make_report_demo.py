@@ -26,7 +26,7 @@ from spice_ray.corpus.demo import write_demo_corpus
 from spice_ray.corpus.ingest import ingest
 from spice_ray.models.builtin import _tokenizer_texts, train_tokenizer
 from spice_ray.report import write_report
-from spice_ray.select.job import select_to_dir
+from spice_ray.select.stage import select_to_dir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROWS_PER_FILE = 250

@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 import statistics
 import tempfile
 from collections import Counter
@@ -30,7 +29,16 @@ from typing import Any
 
 from pydantic import Field, ValidationError
 
-from spice_ray.config import Config, ConfigError, SelectConfig, _format_error, _Section, apply_overrides, read_yaml
+from spice_ray import progress
+from spice_ray.config import (
+    Config,
+    ConfigError,
+    SelectConfig,
+    _format_error,
+    _Section,
+    apply_overrides,
+    read_yaml,
+)
 from spice_ray.executor import Executor, Resources, make_executor
 from spice_ray.storage import Store
 
@@ -181,7 +189,7 @@ class Bench:
     def _run_cell(self, cfg: Config, arm: Arm, fraction: float, seed: int, rel: str) -> dict[str, Any]:
         import pyarrow.parquet as pq
 
-        from spice_ray.select.job import run_select_stage
+        from spice_ray.select.stage import run_select_stage
         from spice_ray.train.trainer import run_train_stage
 
         logger.info("bench: %s at %s, seed %d", arm.name, _budget_name(fraction), seed)
@@ -196,9 +204,9 @@ class Bench:
                   "source_mix": self._source_mix(pq.read_table(selection, columns=["uid"]).column("uid").to_pylist()),
                   "train": {k: train.get(k) for k in ("steps", "tokens", "loss", "n_train_rows")},
                   "eval": self.eval_model(train["model"])}
-        if not self.bench.keep_models:
-            shutil.rmtree(Path(self.store.path(f"{rel}/train/model")), ignore_errors=True)
-            shutil.rmtree(Path(self.store.path(f"{rel}/train/checkpoints")), ignore_errors=True)
+        if not self.bench.keep_models:  # the numbers are kept; a model per cell would fill the disk
+            self.store.delete(f"{rel}/train/model")
+            self.store.delete(f"{rel}/train/checkpoints")
         return result
 
     def _source_mix(self, uids: list[str]) -> dict[str, int]:
@@ -310,14 +318,20 @@ def run_bench(cfg: Config, bench: BenchSection, executor: Executor | None = None
     executor = executor or make_executor(cfg.run.executor, address=cfg.run.ray_address)
     state = Bench(cfg, bench, executor)
     base = state.base()
-    cells = [state.cell(arm, fraction, seed) for arm, fraction, seed in _cells(bench)]
+    todo = _cells(bench)
+    cells = []
+    for i, (arm, fraction, seed) in enumerate(todo):
+        progress.update("bench (cells)", i, len(todo))
+        cells.append(state.cell(arm, fraction, seed))
+    progress.update("bench (cells)", len(todo), len(todo))
     summary = summarize(cells, base, bench)
     summary["cells"] = cells
     state.store.write_text("bench/results.json", json.dumps(summary, indent=2, sort_keys=True))
-    state.store.write_text("bench/results.md", markdown(summary, bench))
+    table = markdown(summary, bench)
+    state.store.write_text("bench/results.md", table)
     from spice_ray.report.bench import write_bench_report
 
-    write_bench_report(state.store, summary, bench)
+    write_bench_report(state.store, summary, bench, table)
     return summary
 
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,11 +38,19 @@ class _ConsoleFilter(logging.Filter):
         return record.levelno >= logging.WARNING or record.name in ("spice_ray.pipeline", "spice_ray.cli")
 
 
+def _follow_stderr() -> None:
+    """Point the terminal log handler at the current ``sys.stderr`` (rich swaps it while a bar runs)."""
+    for h in logging.getLogger().handlers:
+        if getattr(h, "_spice", False):
+            h.stream = sys.stderr  # type: ignore[attr-defined]
+
+
 def _setup_logging(verbose: bool = False) -> None:
     level = os.environ.get("SPICE_LOG_LEVEL", "INFO").upper()
     root = logging.getLogger()
     root.setLevel(level)
-    if any(getattr(h, "_spice", False) for h in root.handlers):
+    if any(getattr(h, "_spice", False) for h in root.handlers):  # set up before in this process
+        _follow_stderr()
         return
     if verbose:
         os.environ["SPICE_VERBOSE"] = "1"  # the executor passes Ray's own logs through
@@ -47,12 +58,22 @@ def _setup_logging(verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     if not verbose:
         handler.addFilter(_ConsoleFilter())
+        if not _has_cuda():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on import that it found none
+        warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes: driver.log has them
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
         for noisy in ("transformers", "datasets", "deepspeed", "torch", "ray", "urllib3", "filelock"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler._spice = True  # type: ignore[attr-defined]
     root.addHandler(handler)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _error(message: str, code: int) -> typer.Exit:
@@ -73,6 +94,41 @@ def _load(config: Path | None, overrides: list[str] | None, root: str | None, ex
         raise _error(str(e), EXIT_USAGE) from None
 
 
+class _Bar:
+    """A rich progress bar per task reported through :mod:`spice_ray.progress` (not with --verbose)."""
+
+    def __enter__(self) -> _Bar:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        from spice_ray import progress
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=console, transient=True)
+        self.tasks: dict[str, Any] = {}
+        self.bar.start()  # from here sys.stderr is rich's proxy: log lines print above the bar
+        _follow_stderr()
+        progress.listen(self.update)
+        return self
+
+    def update(self, task: str, done: int, total: int) -> None:
+        if task not in self.tasks:
+            self.tasks[task] = self.bar.add_task(task, total=total)
+        self.bar.update(self.tasks[task], completed=done, total=total)
+
+    def __exit__(self, *exc: object) -> None:
+        from spice_ray import progress
+
+        progress.listen(None)
+        self.bar.stop()
+        _follow_stderr()
+
+
 def _run(cfg: Config, stages: list[str] | None, verbose: bool = False) -> dict[str, Any]:
     """The pipeline, with the exit codes a scheduler acts on: 3 when another run holds the root,
     2 for a stage whose inputs have not finished, 1 for a failed stage (its traceback is in the
@@ -84,7 +140,8 @@ def _run(cfg: Config, stages: list[str] | None, verbose: bool = False) -> dict[s
 
     _setup_logging(verbose)
     try:
-        return run_pipeline(cfg, stages=stages)
+        with contextlib.nullcontext() if verbose else _Bar():
+            return run_pipeline(cfg, stages=stages)
     except LeaseHeld as e:
         raise _error(str(e), EXIT_LEASE_HELD) from None
     except LeaseLost as e:
@@ -136,7 +193,8 @@ def demo(set_: SetOpt = None, root: RootOpt = None, executor: ExecutorOpt = None
     outcomes = _run(cfg, None, verbose)
     _print_summary(cfg, outcomes)
     console.rule("SPICE vs random vs full data, held-out loss (lower is better)")
-    summary, bench_cfg = demo_comparison(cfg)
+    with contextlib.nullcontext() if verbose else _Bar():
+        summary, bench_cfg = demo_comparison(cfg)
     console.print(markdown(summary, bench_cfg).split("\n", 2)[2].strip(), soft_wrap=True)
     console.print(f"run root: {Path(cfg.run.root).resolve()}")
     console.print(f"report:   {write_report(cfg.run.root)}")
@@ -210,11 +268,12 @@ def runs(run_root: Annotated[Path, typer.Argument(help="A run root that has been
     if not rows:
         console.print(f"no recorded runs under {run_root}")
         raise typer.Exit(1)
-    table = Table("run", "records", "quarantined", "sketched", "selected", "method", "log det", "mean conflict", "redone")
+    table = Table("run", "state", "records", "sketched", "selected", "method", "log det", "eval loss", "redone")
     for r in rows:
         logdet = "" if r["logdet"] is None else f"{r['logdet']:.3f}"
-        conflict = "" if r["mean_conflict"] is None else f"{r['mean_conflict']:.4f}"
-        table.add_row(r["run"], *(str(r[k] if r[k] is not None else "") for k in ("records", "quarantined", "sketched", "selected", "method")), logdet, conflict, ",".join(r["redone"]))
+        loss = "" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
+        table.add_row(r["run"], r["state"], *(str(r[k] if r[k] is not None else "") for k in ("records", "sketched", "selected", "method")),
+                      logdet, loss, ",".join(r["redone"]))
     console.print(table)
 
 
@@ -276,7 +335,8 @@ def bench(
     except (ConfigError, FileNotFoundError) as e:
         raise _error(str(e), EXIT_USAGE) from None
     _setup_logging(verbose)
-    summary = run_bench(cfg, bench_cfg)
+    with contextlib.nullcontext() if verbose else _Bar():
+        summary = run_bench(cfg, bench_cfg)
     console.print(markdown(summary, bench_cfg), soft_wrap=True)
     console.print(f"results:  {Path(cfg.run.root) / 'bench' / 'results.md'} (and index.html)")
 

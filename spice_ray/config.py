@@ -61,8 +61,12 @@ class CorpusConfig(_Section):
 class ModelConfig(_Section):
     """Proxy (sketched) and target (trained) models: 'builtin:tiny-llama', a local path or a hub id."""
 
-    proxy: str = Field("builtin:tiny-llama", description="Model whose gradients are sketched.")
-    target: str = Field("builtin:tiny-llama", description="Model fine-tuned on the selection.")
+    proxy: str = Field(
+        "builtin:tiny-llama-pretrained",
+        description="Model whose gradients are sketched: a built-in (builtin:tiny-llama[-pretrained], "
+        "builtin:tiny-qwen2[-pretrained]), a local path, an s3:// URI or a hub id.",
+    )
+    target: str = Field("builtin:tiny-llama-pretrained", description="Model fine-tuned on the selection (same forms).")
     tokenizer: str | None = Field(
         None, description="Tokenizer path or hub id; default: the model's own (built-ins share one)."
     )
@@ -156,13 +160,14 @@ class SelectConfig(_Section):
     fraction: float | None = Field(0.1, gt=0, le=1, description="Budget as a fraction of the records.")
     k: int | None = Field(None, gt=0, description="Budget as a count; overrides fraction when set.")
     alpha: float | Literal["auto"] = Field(
-        1.0, description="α in log det(I + α Σ g gᵀ); auto: 1 / median ‖g‖² of the (scaled) sketches, so a typical "
-        "candidate's first gain is log 2 whatever the loss scale."
+        "auto", description="α in log det(I + α Σ g gᵀ); auto: 1 / median ‖g‖² of the (scaled) sketches, so a typical "
+        "candidate's first gain is log 2 whatever the loss scale. The paper: 1.0."
     )
     scale: Literal["none", "unit", "tokens", "sqrt_tokens"] = Field(
-        "none",
-        description="Sketch scaling before selection: none (the per-sequence mean-loss gradient, as the paper), unit "
-        "(g/‖g‖, as LESS), tokens (× the record's loss tokens / their mean: the summed per-token loss), sqrt_tokens.",
+        "tokens",
+        description="Sketch scaling before selection: tokens (× the record's loss tokens / their mean: the gradient of "
+        "the summed token loss; the measured best, benchmarks/RESULTS.md), none (the per-sequence mean-loss gradient, "
+        "as the paper), unit (g/‖g‖, as LESS), sqrt_tokens.",
     )
     quota: Literal["none", "source"] = Field(
         "none", description="source: each source gets its share of the budget (largest remainder), picked by the method within it."

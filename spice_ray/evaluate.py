@@ -13,7 +13,7 @@ Metric, per set and model: the token-weighted mean cross-entropy over the respon
     loss = Σ_rows Σ_{t: label_t ≠ -100} −log p(label_t | tokens_<t) / Σ_rows #{t: label_t ≠ -100}
 
 (labels shifted by one, as the model's own loss), and perplexity = exp(loss). Both models run in
-one Ray task (``eval.num_gpus``; bf16 on GPU, fp32 on CPU), one after the other.
+one unit of work of the executor (``eval.num_gpus``; bf16 on GPU, fp32 on CPU), one after the other.
 
 Output: ``<root>/eval/results.json`` (and the stage manifest's result)::
 

@@ -153,10 +153,10 @@ class LocalExecutor:
               callbacks: list[Any] | None = None, data_config: Any | None = None) -> tuple[dict[str, Any], str | None]:
         import pyarrow.parquet as pq
 
+        from spice_ray.config import TrainConfig
         from spice_ray.storage import ensure_local
         from spice_ray.train.engine import resolved_engine
         from spice_ray.train.loop import LocalSession, local_process_group, run_loop
-        from spice_ray.config import TrainConfig
 
         if resources.workers != 1:
             raise ValueError(f"the local executor trains with one worker, not {resources.workers}: set train.num_workers=1")

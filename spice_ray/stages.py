@@ -185,7 +185,7 @@ def run_sketch(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_select(ctx: StageContext) -> dict[str, Any]:
-    from spice_ray.select.job import SELECTION_FILE, run_select_stage
+    from spice_ray.select.stage import SELECTION_FILE, run_select_stage
 
     summary = run_select_stage(ctx.upstream["sketch"]["sketches"], ctx.dirs.uri, ctx.cfg.select, ctx.executor,
                                records_path=ctx.upstream["ingest"]["records"])

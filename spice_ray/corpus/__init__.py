@@ -1,7 +1,14 @@
 """Corpus: input formats, validation, ingest to records/quarantine parquet, tokenization + masks."""
 
 from spice_ray.corpus.demo import generate_demo_corpus, write_demo_corpus
-from spice_ray.corpus.formats import REASONS, RowError, canonical_json, canonical_uid, detect_format, normalize_row
+from spice_ray.corpus.formats import (
+    REASONS,
+    RowError,
+    canonical_json,
+    canonical_uid,
+    detect_format,
+    normalize_row,
+)
 from spice_ray.corpus.ingest import (
     QUARANTINE_FILE,
     QUARANTINE_SCHEMA,

@@ -114,7 +114,12 @@ import pyarrow.parquet as pq
 from spice_ray.config import CorpusConfig
 from spice_ray.corpus.demo import write_demo_corpus
 from spice_ray.corpus.formats import ROW_FIELDS, RowError, canonical_json, normalize_row
-from spice_ray.corpus.tokenize import EncodeError, count_text_tokens, encode, render_text
+from spice_ray.corpus.tokenize import (
+    EncodeError,
+    count_text_tokens,
+    encode,
+    render_text,
+)
 from spice_ray.storage import ensure_local, is_remote
 
 logger = logging.getLogger(__name__)

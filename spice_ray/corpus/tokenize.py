@@ -26,9 +26,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,8 @@ def pad_batch(encodeds: Sequence[Encoded], pad_id: int | None, width: int | None
         width = longest
     elif width < longest:
         raise ValueError(f"pad_batch width {width} is shorter than the longest record ({longest} tokens)")
+    import torch
+
     input_ids = torch.full((len(encodeds), width), pad_id, dtype=torch.long)
     labels = torch.full((len(encodeds), width), IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros((len(encodeds), width), dtype=torch.long)

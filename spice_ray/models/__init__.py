@@ -1,16 +1,33 @@
-"""Models: built-in tiny configs and tokenizer, loading from a local path or hub id, LoRA."""
+"""Models: built-in tiny configs and tokenizer, loading from a local path or hub id, LoRA, pre-training.
 
-from spice_ray.models.builtin import BUILTIN_PREFIX, is_builtin, materialize_builtin, train_tokenizer
-from spice_ray.models.load import add_lora, load_causal_lm, load_tokenizer, model_fingerprint, tokenizer_fingerprint
+Attributes are imported on first use, so ``import spice_ray.models`` does not load transformers.
+"""
 
-__all__ = [
-    "BUILTIN_PREFIX",
-    "add_lora",
-    "is_builtin",
-    "load_causal_lm",
-    "load_tokenizer",
-    "materialize_builtin",
-    "model_fingerprint",
-    "tokenizer_fingerprint",
-    "train_tokenizer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def is_builtin(name: str) -> bool:
+    return name.startswith(BUILTIN_PREFIX)
+
+
+_HOME = {
+    "materialize_builtin": "builtin",
+    "train_tokenizer": "builtin",
+    "add_lora": "load",
+    "load_causal_lm": "load",
+    "load_tokenizer": "load",
+    "model_fingerprint": "load",
+    "tokenizer_fingerprint": "load",
+}
+__all__ = sorted([*_HOME, "BUILTIN_PREFIX", "is_builtin"])
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"spice_ray.models.{_HOME[name]}"), name)

@@ -16,9 +16,16 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-BUILTIN_PREFIX = "builtin:"
+from spice_ray.models import BUILTIN_PREFIX, is_builtin  # noqa: F401  (re-exported)
+
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML, as Qwen2 uses: the built-in tokenizer exercises the chat-template path.
@@ -43,10 +50,6 @@ BUILTIN_CONFIGS = {
     "tiny-llama": (LlamaConfig, LlamaForCausalLM),
     "tiny-qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
-
-
-def is_builtin(name: str) -> bool:
-    return name.startswith(BUILTIN_PREFIX)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:

@@ -402,6 +402,16 @@ def method_gflop(method: str, n: int, d: int, k: int) -> float:
     return 2.0 * k * min(k, d) * d / 1e9
 
 
+def _as_selected(run: RunArtifacts, G: np.ndarray) -> np.ndarray:
+    """The sketches as the run's selection saw them (its ``select.scale``), so baselines compare alike."""
+    from spice_ray.select.io import read_sketch_column
+    from spice_ray.select.prepare import scale_sketches
+
+    scale = str(run.select_param("scale", "none"))
+    tokens = read_sketch_column(str(run.sketches_path), "n_loss_tokens") if scale in ("tokens", "sqrt_tokens") else None
+    return scale_sketches(G, tokens, scale)
+
+
 def logdet_curves(
     run: RunArtifacts,
     methods: Sequence[str] = BASELINE_METHODS,
@@ -430,6 +440,7 @@ def logdet_curves(
                 "baselines not computed (raise max_sketch_bytes to force)"
             )
         uids, G = read_sketches(str(run.sketches_path))
+        G = _as_selected(run, G)
     except (OSError, ValueError, TypeError, KeyError, MemoryError, pa.ArrowInvalid) as e:
         log.warning("log det curves skipped: %s", e)
         return {"error": str(e)}
@@ -441,7 +452,8 @@ def logdet_curves(
         if k is None:
             k = max(1, round(0.1 * n))
     k = min(int(k), n)
-    alpha = float(run.select_param("alpha", 1.0))
+    alpha = run.summary.get("alpha")  # the α the selection used (resolved when the config says auto)
+    alpha = float(alpha) if isinstance(alpha, int | float) else 1.0
     lam = float(run.select_param("lam", 0.1))
     seed = int(run.select_param("seed", 0))
     run_method = run.summary.get("method")

@@ -75,8 +75,7 @@ def render(summary: dict[str, Any], bench: Any, table_md: str) -> str:
     return "\n".join(parts)
 
 
-def write_bench_report(store: Any, summary: dict[str, Any], bench: Any) -> str:
-    from spice_ray.bench import markdown
-
-    store.write_text("bench/index.html", render(summary, bench, markdown(summary, bench)))
+def write_bench_report(store: Any, summary: dict[str, Any], bench: Any, table_md: str) -> str:
+    """``bench/index.html``: ``table_md`` (the results table) and the plots of ``summary``."""
+    store.write_text("bench/index.html", render(summary, bench, table_md))
     return store.uri("bench/index.html")

@@ -1,12 +1,12 @@
 """Selection over gradient sketches (DESIGN §3): ``select`` is the one library entry point.
 
-No Ray import here, nor in :mod:`spice_ray.select.job` (``select_to_dir``: read the sketches,
-select, write the artifacts); the Ray shells live in :mod:`spice_ray.select.actor` (``SelectorActor``,
-``run_select_stage``) and :mod:`spice_ray.select.sharded` (``ShardActor``, ``select_sharded``),
-imported lazily by whoever needs them.
+No Ray import here, nor in :mod:`spice_ray.select.stage` (``select_to_dir``: read the sketches,
+select, write the artifacts; ``run_select_stage``: that as one unit of work of an executor); the
+only Ray module is :mod:`spice_ray.select.ray_shards` (``ShardActor``, ``select_sharded``,
+``run_sharded`` for ``select.shards > 1``), imported lazily by whoever needs it.
 """
 
-from spice_ray.select.checkpoint import PickCheckpoint
+from spice_ray.select.engines import CandidateShard
 from spice_ray.select.greedy import (
     METHODS,
     LocalShards,
@@ -17,7 +17,7 @@ from spice_ray.select.greedy import (
     select_shards,
 )
 from spice_ray.select.io import read_sketches
-from spice_ray.select.shard import CandidateShard
+from spice_ray.select.resume import PickCheckpoint
 from spice_ray.select.state import SelectedState, Winner
 
 __all__ = [

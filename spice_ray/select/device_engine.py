@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from spice_ray.select.shard import row_norms_sq
+from spice_ray.select.engines import row_norms_sq
 from spice_ray.select.state import U64, Winner, gamma
 
 log = logging.getLogger(__name__)

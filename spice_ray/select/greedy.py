@@ -5,12 +5,12 @@ Pure numpy (torch only for ``device="cpu"|"cuda"``; no Ray). The objective is
 ``argmax_i Δ_i(S) − λ c_i(S)`` with ``Δ_i = log(1 + α g_iᵀ M⁻¹ g_i)``, ``M = I + α F_S`` and
 ``c_i = max(0, −cos(g_i, ḡ_S))``; ties go to the smallest row index.
 
-The greedy runs over one or more :class:`~spice_ray.select.shard.CandidateShard`\\ s (eager: one
+The greedy runs over one or more :class:`~spice_ray.select.engines.CandidateShard`\\ s (eager: one
 fused pass over the rows per step; lazy: stale upper bounds, refresh only what can win), reduced
 per step as ``max score, ties → smallest index``. Every engine decides by the same canonical
 per-row score (:mod:`spice_ray.select.state`), so eager, lazy, sharded, GPU, windowed-pool and
 resumed runs make identical picks. Progress can be checkpointed (the picks so far) and resumed
-(:mod:`spice_ray.select.checkpoint`).
+(:mod:`spice_ray.select.resume`).
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from spice_ray.select.checkpoint import PickCheckpoint, fingerprint_data
 from spice_ray.select.device_engine import DeviceGreedy
 from spice_ray.select.diagnostics import diagnose
-from spice_ray.select.quota import QuotaShards, fixed_order_with_quotas, group_rows, quota_counts
-from spice_ray.select.shard import CandidateShard, _resolve_device, row_norms_sq
+from spice_ray.select.engines import CandidateShard, _resolve_device, row_norms_sq
+from spice_ray.select.quota import (
+    QuotaShards,
+    fixed_order_with_quotas,
+    group_rows,
+    quota_counts,
+)
+from spice_ray.select.resume import PickCheckpoint, fingerprint_data
 from spice_ray.select.state import SelectedState, Winner
 
 log = logging.getLogger(__name__)

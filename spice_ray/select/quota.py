@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spice_ray.select.shard import CandidateShard
+from spice_ray.select.engines import CandidateShard
 from spice_ray.select.state import Winner
 
 

@@ -1,7 +1,7 @@
 """Sharded selection on Ray: shard actors own slices of the candidates, the driver reduces each step.
 
 For sketch sets larger than one machine. Each :class:`ShardActor` holds a contiguous slice of the
-rows (in uid order) in a :class:`~spice_ray.select.shard.CandidateShard` (eager or lazy, numpy or
+rows (in uid order) in a :class:`~spice_ray.select.engines.CandidateShard` (eager or lazy, numpy or
 torch) with its own copy of the selected-side state (O(d²) or O(k·d) memory, the same on every
 shard). One step is one round trip: the driver sends every shard the previous step's pick
 (``g``, ``u = M⁻¹g`` and ``q = gᵀM⁻¹g``, computed canonically by the shard that owned it), each
@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 import numpy as np
 import ray
 
-from spice_ray.select.checkpoint import PickCheckpoint, fingerprint_data
+from spice_ray.config import SelectConfig
+from spice_ray.select.engines import CandidateShard, row_norms_sq
 from spice_ray.select.greedy import Selection, select_shards
 from spice_ray.select.io import read_sketch_uids, read_sketches
-from spice_ray.select.shard import CandidateShard, row_norms_sq
+from spice_ray.select.resume import PickCheckpoint, fingerprint_data
 from spice_ray.select.state import Winner
 
 log = logging.getLogger(__name__)
@@ -189,3 +191,35 @@ def select_sharded(
     finally:
         for a in actors:
             ray.kill(a)
+
+
+def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[str, Any]:
+    """The select stage over ``select.shards`` shard actors; the driver writes the outputs."""
+    from spice_ray.select.stage import checkpoint_dir, write_selection
+
+    t0 = time.perf_counter()
+    n = len(read_sketch_uids(str(sketches_path)))
+    sel, uids = select_sharded(
+        str(sketches_path),
+        cfg.budget(n),
+        n_shards=cfg.shards,
+        method=cfg.method,
+        alpha=cfg.alpha,
+        lam=cfg.lam,
+        omega=cfg.omega,
+        lazy=cfg.lazy,
+        device=cfg.device or ("cuda" if cfg.num_gpus > 0 else "numpy"),
+        num_cpus=cfg.num_cpus,
+        num_gpus=cfg.num_gpus,
+        checkpoint_dir=checkpoint_dir(out_dir),
+        checkpoint_every=cfg.checkpoint_every,
+    )
+    assert uids is not None
+    summary = sel.summary() | {
+        "dim": int(sel.params.get("d", 0)),
+        "seed": int(cfg.seed),
+        "sketches": str(sketches_path),
+        "select_seconds": round(time.perf_counter() - t0, 4),
+    }
+    write_selection(out_dir, uids, sel, summary)
+    return summary

@@ -6,7 +6,7 @@ Outputs under ``out_dir`` (a local directory or an object-store URI): ``selectio
 the diagnostics). While it runs, the picks are checkpointed under ``out_dir/_checkpoint/`` every
 ``checkpoint_every`` steps; a rerun after a kill resumes from there (same picks as an uninterrupted
 run), and the checkpoint is removed once the outputs are written. The Ray shells that run this
-(one selector actor, or shard actors) are in :mod:`spice_ray.select.actor`.
+(one selector actor, or shard actors) are in :mod:`spice_ray.select.ray_shards`.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spice_ray.config import SelectConfig
-from spice_ray.select.checkpoint import PickCheckpoint
 from spice_ray.select.greedy import Selection, select
 from spice_ray.select.io import read_sketches, read_target
+from spice_ray.select.resume import PickCheckpoint
 from spice_ray.storage import Store
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, execut
 
     resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
     if cfg.shards > 1 and cfg.method in ("spice", "logdet") and executor.name == "ray" and cfg.quota == "none" and cfg.scale == "none":
-        from spice_ray.select.actor import run_sharded
+        from spice_ray.select.ray_shards import run_sharded
 
         return run_sharded(sketches_path, out_dir, cfg)
     if cfg.shards > 1:

@@ -1,7 +1,7 @@
 """Sketches: seeded projection, per-sample gradients (projection folded into the backward),
-checkpoint/optimizer-state loading for Adam sketches, and the Ray Data worker that runs them."""
+optimizer-state loading for Adam sketches, the worker that runs them (no Ray import: the executor
+decides where), the sketch cache and the stage's work."""
 
-from spice_ray.sketch.checkpoint import CheckpointMismatch, TrainingState, apply_weights, load_training_state
 from spice_ray.sketch.gradients import (
     AdamMoments,
     GradientSketcher,
@@ -9,6 +9,12 @@ from spice_ray.sketch.gradients import (
     adam_update,
     per_sample_loss,
     trainable_linears,
+)
+from spice_ray.sketch.optimizer_state import (
+    CheckpointMismatch,
+    TrainingState,
+    apply_weights,
+    load_training_state,
 )
 from spice_ray.sketch.projection import (
     KroneckerProjection,

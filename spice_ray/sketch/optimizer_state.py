@@ -244,12 +244,19 @@ def _from_torch_engine(tag_dir: Path, model: nn.Module) -> TrainingState:
     return TrainingState(steps.pop(), b1, b2, eps, exp_avg, exp_avg_sq, path=str(tag_dir), format="torch", weights=weights)
 
 
-def load_training_state(path: str | Path, model: nn.Module) -> TrainingState:
+def load_training_state(path: str | Path, model: nn.Module, *, pickles: bool = True) -> TrainingState:
     """Read the checkpoint at ``path`` (see the module doc for the layouts) for ``model``'s trainable
-    parameters; raises ``CheckpointMismatch`` when the state does not fit the model."""
+    parameters; raises ``CheckpointMismatch`` when the state does not fit the model. ``pickles=False``
+    (a checkpoint the run wrote itself, e.g. the warm-up's): only the plain-torch engine's
+    safetensors layout is read; anything that would need unpickling is refused."""
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"optimizer state not found: {path}")
+    if not pickles:
+        engine_dir = _torch_engine_dir(root) if root.is_dir() else None
+        if engine_dir is None:
+            raise CheckpointMismatch(f"refusing to unpickle {path}: this checkpoint should be safetensors + JSON (the plain-torch engine's)")
+        return _from_torch_engine(engine_dir, model)
     if root.is_file():
         exp_avg, exp_avg_sq, step, (b1, b2, eps) = _from_torch_state(str(root), _load(root), model)
         return TrainingState(step, b1, b2, eps, exp_avg, exp_avg_sq, path=str(root), format="torch", weights=None)

@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from spice_ray import progress
 from spice_ray.config import Config
 from spice_ray.executor import Executor, RecordBatches, Resources, read_record_batches
 from spice_ray.sketch.cache import SketchCache, publish
@@ -126,7 +127,8 @@ def run_warmup(cfg: Config, executor: Executor, *, records_path: str, model_path
     picked = [uids[i] for i in sorted(rng.choice(len(uids), size=n, replace=False))]
     wcfg = cfg.model_copy(deep=True)
     wcfg.train.lora = True
-    wcfg.train.zero_stage = 2  # ZeRO-2 optimizer states are what the sketch can read back
+    # one worker, plain torch: its checkpoint is safetensors + JSON, read back without unpickling
+    wcfg.train.num_workers, wcfg.train.engine, wcfg.train.offload = 1, "torch", False
     wcfg.train.max_steps = s.warmup_steps
     wcfg.train.epochs = 1 if s.warmup_steps is None else max(wcfg.train.epochs, 10**6)
     key = hashlib.sha256(
@@ -221,6 +223,7 @@ def run_sketch_stage(
             cache.add(table)  # persisted as it arrives: a killed run keeps its finished batches
             done += table.num_rows
             logger.info("sketch: %d / %d records", done, len(todo))
+            progress.update("sketch (records)", done, len(todo))
     compute_seconds = time.time() - t_compute
 
     n_sketches = publish(cache.tables(current), sketch_schema(s.dim, s.dtype), Store(out_dir), "sketches")

@@ -24,8 +24,8 @@ from torch import nn
 from spice_ray.config import ModelConfig, SketchConfig
 from spice_ray.corpus.tokenize import Encoded, encode_batch, pad_batch
 from spice_ray.models import add_lora, load_causal_lm, load_tokenizer
-from spice_ray.sketch.checkpoint import apply_weights, load_training_state
 from spice_ray.sketch.gradients import GradientSketcher, trainable_linears
+from spice_ray.sketch.optimizer_state import apply_weights, load_training_state
 from spice_ray.storage import ensure_local
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,9 @@ def build_sketcher(
     model = build_model(model_path, model_cfg, sketch_cfg, device)
     adam = None
     if state_path is not None:
-        state = load_training_state(ensure_local(state_path), model)
+        # only a checkpoint the user named is trusted with pickles; the warm-up's is safetensors
+        trusted = sketch_cfg.optimizer_state is not None and state_path == sketch_cfg.optimizer_state
+        state = load_training_state(ensure_local(state_path), model, pickles=trusted)
         n = apply_weights(model, state)
         logger.info("loaded %s checkpoint %s (step %d, %d weight tensors)", state.format, state.path, state.step, n)
         if sketch_cfg.gradient == "adam":

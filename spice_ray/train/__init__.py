@@ -1,4 +1,4 @@
-"""Train stage: fine-tune the target model on the selection with Ray Train + DeepSpeed.
+"""Train stage: fine-tune the target model on the selection (plain torch at one worker, DeepSpeed ZeRO on several).
 
 ``run_train_stage`` (driver side) is imported lazily so that importing this package starts
 nothing heavy (no Ray, DeepSpeed or torch import).
