@@ -337,11 +337,16 @@ def run_bench(cfg: Config, bench: BenchSection, executor: Executor | None = None
 
 def demo_comparison(cfg: Config, executor: Executor | None = None) -> tuple[dict[str, Any], BenchSection]:
     """The demo's last word: the configured selection vs a random one of the same budget vs all the
-    data, one seed, on the test split."""
+    data, one seed, on the test split. The demo's model is tiny, so the cells run in this process
+    (the local executor, one train worker) unless an executor is given."""
+    from spice_ray.executor import LocalExecutor
+
+    local = cfg.model_copy(deep=True)
+    local.train.num_workers, local.run.executor = 1, "local"
     arms = [{"name": cfg.select.method, "select": {}}, {"name": "random", "select": {"method": "random"}},
             {"name": "full", "select": {"method": "random"}, "fraction": 1.0}]
     if cfg.select.method == "random":
         arms = arms[1:]
     bench = BenchSection.model_validate({"arms": arms, "seeds": [cfg.train.seed], "splits": ["test"],
                                          "fractions": [cfg.select.fraction or 0.1]})
-    return run_bench(cfg, bench, executor), bench
+    return run_bench(local, bench, executor or LocalExecutor()), bench

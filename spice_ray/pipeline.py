@@ -344,9 +344,9 @@ def _run_stages(root: RunRoot, cfg: Config, wanted: list[str], executor: Executo
         key = stage_key(stage, cfg, manifests, root.store)
         manifest = finished(root, stage, key)
         if manifest is not None:
-            logger.info("%s: finished earlier, skipped", stage.name)
             manifests[stage.name] = manifest
             if stage.name in wanted or stage.name == "models":
+                logger.info("%s: finished earlier, skipped", stage.name)
                 outcomes[stage.name] = StageOutcome(stage.name, skipped=True, manifest=manifest)
             continue
         if stage.name not in wanted and stage.name != "models":

@@ -247,8 +247,11 @@ def _describe_eval(cfg: Config, r: dict[str, Any]) -> str:
     def fmt(m: dict[str, Any] | None) -> str:
         return "n/a" if not m or m.get("loss") is None else f"loss {m['loss']:.4f} (ppl {m['perplexity']:.2f})"
 
+    sets = r.get("sets", {})
+    if "overall" in sets:  # the holdout split: one set per source; the overall line says enough
+        sets = {f"overall of {len(sets) - 1} sources": sets["overall"]}
     parts = []
-    for name, e in r.get("sets", {}).items():
+    for name, e in sets.items():
         base = f"base {fmt(e.get('base'))} → " if "base" in e else ""
         parts.append(f"{name} ({e.get('n', 0)} rows, {e.get('tokens', 0)} tokens): {base}tuned {fmt(e.get('tuned'))}")
     return "; ".join(parts) or "no eval sets"
