@@ -269,7 +269,7 @@ class Invocation:
     def __init__(self, root: RunRoot, run_id: str, stages: list[str]) -> None:
         self.root, self.run_id, self.stages = root, run_id, stages
         self.started = datetime.now(UTC)
-        self.entry = f"{HISTORY}/{self.started.strftime('%Y%m%dT%H%M%SZ')}-{run_id}"
+        self.entry = f"{HISTORY}/{self.started.strftime('%Y%m%dT%H%M%S.%fZ')}-{run_id}"  # sorts by start, to the µs
         self._dir = tempfile.TemporaryDirectory(prefix="spice-run-")
         self.log_path = Path(self._dir.name) / "driver.log"
         self._handler = logging.FileHandler(self.log_path)
@@ -323,6 +323,14 @@ class Invocation:
         root = self.root.store.uri().rstrip("/") + "/"
         relative = {k: v[len(root):] if isinstance(v, str) and v.startswith(root) else v for k, v in pointer.items()}
         self.root.store.write_text(LATEST_FILE, json.dumps(relative, indent=2))
+
+    def note_traceback(self) -> None:
+        """The current exception's traceback, into the driver log (the terminal shows it too)."""
+        import traceback
+
+        self._handler.flush()
+        with self.log_path.open("a") as fh:
+            fh.write(redact(traceback.format_exc()))
 
     def close(self) -> None:
         logging.getLogger("spice_ray").setLevel(self._level)
@@ -385,6 +393,7 @@ def run_pipeline(cfg: Config, *, stages: list[str] | None = None, executor: Exec
             else:
                 run.status("noop")
         except BaseException as e:
+            run.note_traceback()
             run.record(outcomes, "failed", error=f"{type(e).__name__}: {redact(str(e))}")
             raise
         finally:

@@ -24,7 +24,7 @@ def small_config(root, **extra):
         "select.fraction=0.1",
         "train.max_steps=3",
         "train.micro_batch_size=2",
-        "train.num_workers=2",
+        "train.num_workers=1",  # the default; 2-worker DeepSpeed runs are in tests/integration/test_train_ray.py
         *[f"{k}={v}" for k, v in extra.items()],
     ]
     return load_config(None, overrides)

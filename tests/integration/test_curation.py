@@ -155,3 +155,16 @@ def test_cli_exit_code_3_when_the_root_is_held(tmp_path):
     with Lease(store, settle=0):
         result = CliRunner().invoke(app, ["run", "--root", str(tmp_path / "root"), "--executor", "local"])
     assert result.exit_code == 3 and "is held by run" in result.output
+
+
+def test_a_failed_run_leaves_its_status_and_traceback(tmp_path):
+    from spice_ray.corpus.ingest import IngestError
+
+    root = tmp_path / "root"
+    cfg = _config(root, tmp_path / "missing-corpus")
+    with pytest.raises(IngestError):
+        run_pipeline(cfg)
+    status = json.loads((root / "status.json").read_text())
+    assert status["state"] == "failed" and "IngestError" in status["error"] and not (root / LEASE_FILE).exists()
+    entry = root / status["entry"]
+    assert "Traceback" in (entry / "driver.log").read_text() and json.loads((entry / "run.json").read_text())["state"] == "failed"

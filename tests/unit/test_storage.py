@@ -80,3 +80,21 @@ def test_corrupted_artifact_is_detected_and_recomputed(tmp_path, caplog):
 
     records.unlink()  # a missing one too
     assert not run_pipeline(cfg, stages=["ingest"])["ingest"].skipped and records.exists()
+
+
+def test_an_unreachable_s3_endpoint_fails_in_seconds_with_one_line(monkeypatch):
+    import socket
+    import time
+
+    from spice_ray.storage import StorageError
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k",
+                        "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    t0 = time.time()
+    with pytest.raises(StorageError, match="run root s3://bucket/root cannot be used") as err:
+        Store("s3://bucket/root")
+    assert time.time() - t0 < 30 and "\n" not in str(err.value)
