@@ -9,7 +9,7 @@ executor says *where*.
   Ray Data actor pool, Ray tasks and Ray Train workers. It is the only module that talks to Ray
   about resources.
 
-Both produce the same artifacts bit for bit on CPU (``tests/test_executors.py``).
+Both produce the same artifacts bit for bit on CPU (``tests/e2e/test_pipeline.py``).
 """
 
 from __future__ import annotations

@@ -86,9 +86,10 @@ def ray_head(env: dict[str, str] | None = None) -> Iterator[tuple[str, str]]:
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(30)
+            proc.wait(5)  # `ray start --block` often ignores SIGTERM for its whole grace period (30 s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
 
 
 # ------------------------------------------------------------------------------- selection problems
