@@ -13,8 +13,6 @@ from spice_ray.config import load_config
 from spice_ray.pipeline import STAGES, list_runs, run_pipeline
 from spice_ray.select import logdet_of, read_sketches
 
-pytestmark = pytest.mark.ray
-
 
 def small_config(root, **extra):
     overrides = [
@@ -142,15 +140,17 @@ def test_changed_select_config_reruns_select_and_train_only(finished_run, tmp_pa
     assert all((h / "selection.parquet").exists() for h in history)
 
 
-def test_grown_corpus_sketches_only_new_records_and_selects_over_the_union(ray_session, tmp_path):
+def test_grown_corpus_sketches_only_new_records_and_selects_over_the_union(tmp_path):
     """Scheduled curation: run, add 10% new records, rerun. Only the new records are sketched, the
-    selection runs over the union, and it equals a from-scratch run over the grown corpus."""
+    selection runs over the union, and it equals a from-scratch run over the grown corpus. In process
+    (the cache rules are the executor's business only in who writes the parts: Ray workers' parts
+    are tested in tests/integration/test_sketch_stage.py)."""
     from spice_ray.corpus.demo import write_demo_corpus
 
     corpus = tmp_path / "corpus"
     write_demo_corpus(corpus, n=200, seed=1)
     stages = "[ingest,sketch,select]"
-    cfg = small_config(tmp_path / "run", **{"corpus.paths": f"[{corpus}]", "run.stages": stages})
+    cfg = small_config(tmp_path / "run", **{"corpus.paths": f"[{corpus}]", "run.stages": stages, "run.executor": "local"})
     first = run_pipeline(cfg)
     n_old = first["ingest"].manifest["result"]["n_kept"]
     assert first["sketch"].manifest["result"]["n_computed"] == n_old
@@ -171,7 +171,7 @@ def test_grown_corpus_sketches_only_new_records_and_selects_over_the_union(ray_s
     assert np.array_equal(uids[keep], old_uids) and np.array_equal(sketches[keep], old_sketches)  # reused as is
 
     # the same grown corpus from scratch (its own cache): the same sketches and the same selection
-    fresh_cfg = small_config(tmp_path / "fresh", **{"corpus.paths": f"[{corpus}]", "run.stages": stages})
+    fresh_cfg = small_config(tmp_path / "fresh", **{"corpus.paths": f"[{corpus}]", "run.stages": stages, "run.executor": "local"})
     fresh = run_pipeline(fresh_cfg)
     assert fresh["sketch"].manifest["result"]["n_computed"] == n_old + n_new
     fresh_uids, fresh_sketches = read_sketches(str(tmp_path / "fresh" / "sketch" / "sketches"))

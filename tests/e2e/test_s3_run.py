@@ -3,8 +3,8 @@
 The head gets the S3 credentials in its environment, as a pod would from a Secret; the driver is
 `spice-ray run` with `run.root=s3://…` and the corpus in the bucket too. The run stops after
 select; a fresh head with an empty node cache (a KubeRay retry) resumes it to the end (finished
-stages skipped), and a third run finds everything done. Every artifact a manifest lists is then
-read back from the bucket and checked against its sha256.
+stages skipped). Every artifact a manifest lists is then read back from the bucket and checked
+against its sha256. (A run that finds everything done on S3 is week 3 of the weekly drill below.)
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def s3_env(tmp_path_factory):
 def spice_ray_run(args: list[str], env: dict[str, str]) -> str:
     done = subprocess.run(
         [str(BIN / "spice-ray"), "run", "--config", "jobs/smoke.yaml", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
@@ -118,8 +118,6 @@ def test_smoke_run_on_s3_resumes_and_keeps_every_artifact(s3_env, tmp_path, monk
             assert f"{stage}: finished earlier, skipped" in second, second[-3000:]
         for stage in ("train", "eval"):
             assert f"{stage}: done" in second, second[-3000:]
-        third = spice_ray_run(args, env)
-        assert all(f"{stage}: finished earlier, skipped" in third for stage in STAGES), third[-3000:]
 
     run = RunRoot(root)
     for stage in STAGES:
@@ -197,7 +195,7 @@ def test_weekly_drill_and_one_writer_on_s3(s3_env, tmp_path, monkeypatch):
     run.store.write_text("_lease.json", json.dumps(lease))
     t0 = time.time()
     held = subprocess.run([str(BIN / "spice-ray"), "run", "--config", "jobs/smoke.yaml", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert held.returncode == 3 and "is held by run other" in held.stdout + held.stderr and time.time() - t0 < 60
     run.store.write_text("_lease.json", json.dumps(lease | {"heartbeat": time.time() - 600}))
     taken = spice_ray_run(args, env)

@@ -7,14 +7,11 @@ import random
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 import torch
 
 from spice_ray.config import load_config
 from spice_ray.select import read_sketches
 from spice_ray.sketch.stage import run_sketch_stage
-
-pytestmark = pytest.mark.ray
 
 
 def make_rows(n: int) -> list[dict]:
@@ -89,9 +86,10 @@ def test_cache_grown_corpus_worker_counts_and_order(ray_session, tiny_model_dir,
     np.testing.assert_array_equal(s3, s1)
 
 
-def test_warmup_then_adam_sketches(ray_session, tiny_model_dir, tmp_path):
+def test_warmup_then_adam_sketches(local_executor, tiny_model_dir, tmp_path):
     """A one-step warm-up (one worker, the plain-torch engine: a safetensors checkpoint), then Adam
-    sketches from its checkpoint: the moments read back line up with the weights they moved."""
+    sketches from its checkpoint: the moments read back line up with the weights they moved. In
+    process: the same torch engine under Ray Train is the e2e pipeline's train stage."""
     from spice_ray.config import ModelConfig, SketchConfig
     from spice_ray.sketch.optimizer_state import load_training_state
     from spice_ray.sketch.worker import build_model
@@ -101,7 +99,8 @@ def test_warmup_then_adam_sketches(ray_session, tiny_model_dir, tmp_path):
         "sketch.gradient=adam", "sketch.warmup_fraction=0.5", "sketch.warmup_steps=1", "sketch.fidelity_sample=4",
         "train.num_workers=2", "train.micro_batch_size=4", "train.lr=0.01", "train.max_grad_norm=1000",
     ]
-    result, uids, sketches = sketch(overrides, records, tmp_path / "sk", model=tiny_model_dir, cache_dir=str(tmp_path / "cache"))
+    result, _, sketches = sketch(overrides, records, tmp_path / "sk", local_executor, model=tiny_model_dir,
+                                    cache_dir=str(tmp_path / "cache"))
     warm = result["warmup"]
     assert warm["n_records"] == 12 and warm["steps"] == 1
     assert pq.read_table(warm["selection"]).num_rows == 12
@@ -123,7 +122,8 @@ def test_warmup_then_adam_sketches(ray_session, tiny_model_dir, tmp_path):
         torch.testing.assert_close(w[big], -0.01 * torch.sign(m[big]), rtol=1e-2, atol=1e-5)
     # rerun in the same stage directory: the warm-up and every sketch are reused
     overrides[3] = "sketch.fidelity_sample=0"
-    again, _, again_sketches = sketch(overrides, records, tmp_path / "sk", model=tiny_model_dir, cache_dir=str(tmp_path / "cache"))
+    again, _, again_sketches = sketch(overrides, records, tmp_path / "sk", local_executor, model=tiny_model_dir,
+                                      cache_dir=str(tmp_path / "cache"))
     assert again["warmup"] == warm
     assert again["n_computed"] == 0 and again["spec_hash"] == result["spec_hash"]
     np.testing.assert_array_equal(again_sketches, sketches)
