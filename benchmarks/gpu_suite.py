@@ -85,7 +85,8 @@ from spice_ray.select import select  # noqa: E402
 
 ROWS = ("lora7b", "full1p5b", "sketch", "select", "picks")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-MODEL_SECTION = {"lora_r": 16, "lora_alpha": 32.0, "lora_dropout": 0.05, "lora_target_modules": LORA_TARGETS}
+LORA = {"r": 16, "alpha": 32.0, "dropout": 0.05, "target_modules": LORA_TARGETS}
+MODEL_SECTION = {"proxy_lora": LORA, "target_lora": LORA}
 
 
 def log(msg: str) -> None:

@@ -80,10 +80,10 @@ def build_inputs(work: Path, args: argparse.Namespace):
 
 
 def make_cfg(args: argparse.Namespace):
-    from spice_ray.config import Config, ModelConfig, TrainConfig
+    from spice_ray.config import Config, LoraConfig, ModelConfig, TrainConfig
 
     return Config(
-        model=ModelConfig(lora_r=16, lora_alpha=32.0),
+        model=ModelConfig(target_lora=LoraConfig(r=16, alpha=32.0)),
         train=TrainConfig(
             num_workers=1, cpus_per_worker=float(args.threads), use_gpu=False, lora=not args.full, zero_stage=None,
             engine="deepspeed",  # the same DeepSpeed loop in both modes (one worker would default to plain torch)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -58,8 +59,24 @@ class CorpusConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    """LoRA adapters of one model."""
+
+    r: int = Field(8, gt=0, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout in training (sketches run without).")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Linear layers that get LoRA adapters (and so gradients).",
+    )
+
+
+_FLAT_LORA = {"lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_target_modules": "target_modules"}
+
+
 class ModelConfig(_Section):
-    """Proxy (sketched) and target (trained) models: 'builtin:tiny-llama', a local path or a hub id."""
+    """Proxy (sketched) and target (trained) models: 'builtin:tiny-llama', a local path or a hub id,
+    each with its own LoRA settings."""
 
     proxy: str = Field(
         "builtin:tiny-llama-pretrained",
@@ -71,14 +88,30 @@ class ModelConfig(_Section):
         None, description="Tokenizer path or hub id; default: the model's own (built-ins share one)."
     )
     trust_remote_code: bool = Field(False, description="Passed to from_pretrained; off unless asked.")
-    lora_r: int = Field(8, gt=0, description="LoRA rank.")
-    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
-    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout in training (sketches run without).")
-    lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
-        description="Linear layers that get LoRA adapters (and so gradients).",
-    )
     init_seed: int = Field(0, description="Seed of the built-in models' random init and LoRA init.")
+    proxy_lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="The proxy's LoRA: the adapters whose gradients are sketched (sketch.parameters=lora; "
+        "target_modules also names the layers of sketch.parameters=weights) and that a warm-up trains.",
+    )
+    target_lora: LoraConfig = Field(default_factory=LoraConfig, description="The target's LoRA in fine-tuning (train.lora).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_lora(cls, data: Any) -> Any:
+        """Configs written before the split (``model.lora_r`` …) set both models' LoRA, with a warning."""
+        if not isinstance(data, dict) or not _FLAT_LORA.keys() & data.keys():
+            return data
+        data = dict(data)
+        flat = {new: data.pop(old) for old, new in _FLAT_LORA.items() if old in data}
+        for section in ("proxy_lora", "target_lora"):
+            if section in data:
+                raise ValueError(f"model.{', model.'.join(k for k in _FLAT_LORA if _FLAT_LORA[k] in flat)} and "
+                                 f"model.{section} both given: write model.proxy_lora and model.target_lora only")
+            data[section] = dict(flat)
+        logging.getLogger(__name__).warning(
+            "model.lora_* are now model.proxy_lora.* and model.target_lora.*: applied to both (%s)", flat)
+        return data
 
 
 class SketchConfig(_Section):
@@ -95,7 +128,7 @@ class SketchConfig(_Section):
     parameters: Literal["lora", "weights"] = Field(
         "lora",
         description="Sketched parameters: the LoRA adapters, or the full weights of the "
-        "model.lora_target_modules linear layers (no warm-up / optimizer state then).",
+        "model.proxy_lora.target_modules linear layers (no warm-up / optimizer state then).",
     )
     gradient: Literal["sgd", "adam"] = Field(
         "sgd", description="sgd: the loss gradient; adam: one Adam step's update from the checkpoint's moments (LESS)."
@@ -496,12 +529,18 @@ def config_reference_markdown() -> str:
     """The config reference table of the README, generated from the models (a test keeps it in sync)."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     defaults = Config().model_dump(mode="json")
-    for section, field in Config.model_fields.items():
-        model = field.annotation
-        for key, sub in model.model_fields.items():  # type: ignore[union-attr]
-            default = json.dumps(defaults[section][key])
+
+    def add(prefix: str, model: type[BaseModel], values: dict[str, Any]) -> None:
+        for key, sub in model.model_fields.items():
+            if isinstance(sub.annotation, type) and issubclass(sub.annotation, BaseModel):  # a nested section
+                rows.append(f"| `{prefix}.{key}.*` | | {(sub.description or '').replace('|', chr(92) + '|')} |")
+                add(f"{prefix}.{key}", sub.annotation, values[key])
+                continue
             meaning = (sub.description or "").replace("|", "\\|")  # a bare | would split the cell
-            rows.append(f"| `{section}.{key}` | `{default}` | {meaning} |")
+            rows.append(f"| `{prefix}.{key}` | `{json.dumps(values[key])}` | {meaning} |")
+
+    for section, field in Config.model_fields.items():
+        add(section, field.annotation, defaults[section])  # type: ignore[arg-type]
     return "\n".join(rows)
 
 

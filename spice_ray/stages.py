@@ -2,7 +2,7 @@
 needs, and the function that does its work. The pipeline (:mod:`spice_ray.pipeline`) is a loop over
 ``STAGES``; a stage's key is derived only from what it declares:
 
-- ``reads``: config sections (``"sketch"``) or single fields (``"model.lora_r"``);
+- ``reads``: config sections (``"sketch"``, ``"model.proxy_lora"``) or single fields (``"corpus.max_tokens"``);
 - ``needs``: upstream results, ``"stage.field"``: the content digest of that artifact (a file or
   directory the stage wrote) or the field's value (``"models.proxy_fingerprint"``). So a rerun of
   an upstream stage that writes the same bytes does not invalidate anything downstream;
@@ -25,7 +25,7 @@ from spice_ray.config import Config
 from spice_ray.executor import Executor
 from spice_ray.storage import files_key
 
-_MODEL_LORA = ("model.lora_r", "model.lora_alpha", "model.lora_target_modules", "model.init_seed", "model.trust_remote_code")
+_LOADING = ("model.init_seed", "model.trust_remote_code")
 
 
 @dataclass
@@ -258,15 +258,15 @@ def _describe_eval(cfg: Config, r: dict[str, Any]) -> str:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("models", reads=("model",), run=run_models, describe=lambda cfg, r: f"proxy {r.get('proxy')}, target {r.get('target')}"),
+    Stage("models", reads=("model.proxy", "model.target", "model.tokenizer", *_LOADING), run=run_models, describe=lambda cfg, r: f"proxy {r.get('proxy')}, target {r.get('target')}"),
     Stage("ingest", reads=("corpus",), run=run_ingest, needs=("models.tokenizer_fingerprint",),
           inputs=lambda cfg: [files_key(cfg.corpus.paths)], describe=_describe_ingest),
-    Stage("sketch", reads=("sketch", "corpus.max_tokens", *_MODEL_LORA), run=run_sketch,
+    Stage("sketch", reads=("sketch", "corpus.max_tokens", "model.proxy_lora", *_LOADING), run=run_sketch,
           needs=("models.proxy_fingerprint", "models.proxy_tokenizer_fingerprint", "ingest.records"),
           inputs=sketch_inputs, describe=lambda cfg, r: f"{r['n_sketches']} sketches ({r['n_computed']} computed), d={cfg.sketch.dim}"),
     Stage("select", reads=("select",), run=run_select, needs=("sketch.sketches", "ingest.records"),
           inputs=lambda cfg: [files_key([cfg.select.target])] if cfg.select.target else [], describe=_describe_select),
-    Stage("train", reads=("train", "corpus.max_tokens", "model.lora_dropout", *_MODEL_LORA), run=run_train,
+    Stage("train", reads=("train", "corpus.max_tokens", "model.target_lora", *_LOADING), run=run_train,
           needs=("models.target_fingerprint", "models.tokenizer_fingerprint", "ingest.records", "select.selection"),
           versioned=True, describe=lambda cfg, r: f"{r['steps']} steps, final loss {r['loss']:.4f}, model: {r['model']}"),
     Stage("eval", reads=("eval", "corpus.max_tokens", "model.trust_remote_code"), run=run_eval,

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spice_ray.config import Config, ModelConfig, TrainConfig
+from spice_ray.config import Config, LoraConfig, ModelConfig, TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPICE_SHARED", REPO.parent / "shared"))
@@ -178,4 +178,4 @@ def train_config(max_steps: int | None = None, **train) -> Config:
         checkpoint_every=2,
     )
     values.update(train)
-    return Config(model=ModelConfig(lora_r=4, lora_alpha=8.0), train=TrainConfig(**values))
+    return Config(model=ModelConfig(target_lora=LoraConfig(r=4, alpha=8.0)), train=TrainConfig(**values))

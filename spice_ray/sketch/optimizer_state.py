@@ -91,7 +91,7 @@ def _check(where: str, model: nn.Module, state: dict[str, torch.Tensor], what: s
             parts.append(f"{len(bad)} shape mismatch(es) (e.g. {n}: {tuple(state[n].shape)} vs {tuple(params[n].shape)})")
         raise CheckpointMismatch(
             f"the checkpoint at {where} does not match the model being sketched: " + "; ".join(parts)
-            + " — check model.proxy, model.lora_r and model.lora_target_modules against the run that wrote it"
+            + " — check model.proxy and model.proxy_lora against the run that wrote it"
         )
 
 

@@ -96,9 +96,10 @@ def sketch_spec(
         "model": model_fp,
         "tokenizer": None if same_tok else fingerprint(tokenizer_path),
         "parameters": s.parameters,
-        "lora": {"r": m.lora_r, "alpha": m.lora_alpha, "target_modules": list(m.lora_target_modules), "init_seed": m.init_seed}
+        "lora": {"r": m.proxy_lora.r, "alpha": m.proxy_lora.alpha, "target_modules": list(m.proxy_lora.target_modules),
+                 "init_seed": m.init_seed}
         if s.parameters == "lora"
-        else {"target_modules": list(m.lora_target_modules)},
+        else {"target_modules": list(m.proxy_lora.target_modules)},
         "state": digest_path(state_path) if state_path else None,
         "projection": projection.to_dict(),
         "loss": {"tokens": s.loss, "max_tokens": cfg.corpus.max_tokens, "gradient": s.gradient},
@@ -127,6 +128,7 @@ def run_warmup(cfg: Config, executor: Executor, *, records_path: str, model_path
     picked = [uids[i] for i in sorted(rng.choice(len(uids), size=n, replace=False))]
     wcfg = cfg.model_copy(deep=True)
     wcfg.train.lora = True
+    wcfg.model.target_lora = cfg.model.proxy_lora.model_copy()  # the warm-up trains the proxy's adapters
     # one worker, plain torch: its checkpoint is safetensors + JSON, read back without unpickling
     wcfg.train.num_workers, wcfg.train.engine, wcfg.train.offload = 1, "torch", False
     wcfg.train.max_steps = s.warmup_steps

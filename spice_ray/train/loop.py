@@ -265,14 +265,9 @@ def _build_model(mcfg: ModelConfig, tcfg: TrainConfig, model_path: str, dtype: s
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     if tcfg.lora:
-        model = add_lora(
-            model,
-            r=mcfg.lora_r,
-            alpha=mcfg.lora_alpha,
-            target_modules=list(mcfg.lora_target_modules),
-            dropout=mcfg.lora_dropout,
-            seed=mcfg.init_seed,
-        )
+        lora = mcfg.target_lora
+        model = add_lora(model, r=lora.r, alpha=lora.alpha, target_modules=list(lora.target_modules), dropout=lora.dropout,
+                         seed=mcfg.init_seed)
     return model
 
 

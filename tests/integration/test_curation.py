@@ -105,6 +105,13 @@ def test_a_changed_config_trains_fresh_and_a_target_change_reruns_train_and_eval
     assert [s for s, o in other_target.items() if not o.skipped] == ["models", "train", "eval"]
     assert other_target["train"].result["resumed_from_step"] is None
 
+    # the target's LoRA is the target's: train and eval again; the proxy's LoRA: sketch again
+    target_lora = ("select.fraction=0.05", "model.target=builtin:tiny-qwen2", "model.target_lora.r=4")
+    assert [s for s, o in run_pipeline(_config(root, corpus, *target_lora)).items() if not o.skipped] == ["train", "eval"]
+    proxy_lora = run_pipeline(_config(root, corpus, *target_lora, "model.proxy_lora.r=4"))
+    assert [s for s, o in proxy_lora.items() if not o.skipped][:2] == ["sketch", "select"]
+    assert proxy_lora["models"].skipped and proxy_lora["ingest"].skipped
+
 
 def test_a_second_writer_fails_fast_and_the_first_finishes(tmp_path):
     root, corpus = tmp_path / "root", _corpus(tmp_path / "corpus")

@@ -79,7 +79,8 @@ def test_train_lora_zero2_killed_worker_resumes_then_rerun_resumes(ray_executor,
     module_states = torch.load(ckpt / state["tag"] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
     lora_states = {k: v for k, v in module_states.items() if "lora_" in k}
     assert lora_states
-    peft = add_lora(load_causal_lm(str(tiny_model_dir)), r=cfg.model.lora_r, alpha=cfg.model.lora_alpha, target_modules=cfg.model.lora_target_modules)
+    peft = add_lora(load_causal_lm(str(tiny_model_dir)), r=cfg.model.target_lora.r, alpha=cfg.model.target_lora.alpha,
+                    target_modules=cfg.model.target_lora.target_modules)
     missing = peft.load_state_dict(lora_states, strict=False)
     assert not missing.unexpected_keys
     merged = peft.merge_and_unload().eval()

@@ -887,7 +887,7 @@ def test_job_config_loads(name):
     cfg = load_config(JOBS / f"{name}.yaml")
     target, proxy = JOB_MODELS[name]
     assert (cfg.model.target, cfg.model.proxy) == (target, proxy)
-    assert (cfg.model.lora_r, cfg.model.lora_alpha) == (16, 32)
+    assert (cfg.model.target_lora.r, cfg.model.target_lora.alpha) == (16, 32) == (cfg.model.proxy_lora.r, cfg.model.proxy_lora.alpha)
     d_out, d_in = factor_dim(cfg.sketch.dim)
     assert d_out * d_in == cfg.sketch.dim and d_out > 1, cfg.sketch.dim
     assert (cfg.select.method, cfg.select.fraction, cfg.select.lam) == ("spice", 0.1, 0.1)

@@ -66,3 +66,15 @@ def test_readme_config_reference_is_current():
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     block = text[text.index(start) + len(start) : text.index(end)].strip()
     assert block == config_reference_markdown(), "README config reference is stale: run `python -m spice_ray.config`"
+
+
+def test_flat_lora_keys_of_older_configs_set_both_models(caplog):
+    with caplog.at_level("WARNING", logger="spice_ray.config"):
+        cfg = load_config(None, ["model.lora_r=4", "model.lora_target_modules=[q_proj]"])
+    assert cfg.model.proxy_lora == cfg.model.target_lora
+    assert (cfg.model.target_lora.r, cfg.model.target_lora.target_modules, cfg.model.target_lora.alpha) == (4, ["q_proj"], 16.0)
+    assert "model.proxy_lora" in caplog.text
+    with pytest.raises(ConfigError, match="model.lora_r and model.target_lora both given"):
+        load_config(None, ["model.lora_r=4", "model.target_lora.r=2"])
+    split = load_config(None, ["model.proxy_lora.r=4", "model.target_lora.r=64"])
+    assert (split.model.proxy_lora.r, split.model.target_lora.r) == (4, 64)

@@ -366,8 +366,9 @@ def test_sketch_spec_keys_the_cache(tiny_model_dir):
         return spec_hash(spec)
 
     base = key()
-    assert base == key("sketch.method=factored", "sketch.batch_size=3", "sketch.num_workers=4", "sketch.max_tokens_per_batch=99")
-    for change in ("sketch.seed=1", "sketch.dim=128", "sketch.loss=all", "model.lora_r=4", "corpus.max_tokens=64", "sketch.dtype=float16"):
+    assert base == key("sketch.method=factored", "sketch.batch_size=3", "sketch.num_workers=4", "sketch.max_tokens_per_batch=99",
+                       "model.target_lora.r=4", "model.target=builtin:tiny-qwen2")  # the target's settings are not the proxy's
+    for change in ("sketch.seed=1", "sketch.dim=128", "sketch.loss=all", "model.proxy_lora.r=4", "corpus.max_tokens=64", "sketch.dtype=float16"):
         assert key(change) != base, change
     cfg = load_config(None, ["sketch.dim=64"])
     spec, projection = sketch_spec(cfg, model_path=str(tiny_model_dir), tokenizer_path=str(tiny_model_dir),

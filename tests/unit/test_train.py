@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spice_ray.config import ModelConfig, TrainConfig
+from spice_ray.config import LoraConfig, ModelConfig, TrainConfig
 from spice_ray.testing import train_config, train_records
 from spice_ray.train.deepspeed_config import deepspeed_config
 
@@ -183,7 +183,7 @@ def test_gradient_checkpointing_same_loss_and_grads(tiny_model_dir: Path) -> Non
     batch = pad_batch(encode_batch(tok, [r["messages"] for r in train_records(4)]), tok.pad_token_id)
     grads = {}
     for gc in (False, True):
-        model = _build_model(ModelConfig(lora_r=4, lora_alpha=8.0), TrainConfig(gradient_checkpointing=gc), str(tiny_model_dir))
+        model = _build_model(ModelConfig(target_lora=LoraConfig(r=4, alpha=8.0)), TrainConfig(gradient_checkpointing=gc), str(tiny_model_dir))
         model.train()
         loss = model(**batch).loss
         loss.backward()
@@ -217,13 +217,16 @@ def test_recipes(name: str) -> None:
     assert proxy[m.target] == m.proxy
     assert t.lora and t.resolved_zero_stage == 2 and t.use_gpu and t.gradient_checkpointing and t.max_failures > 0
     effective = t.micro_batch_size * t.grad_accum * t.num_workers
+    for lora in (m.proxy_lora, m.target_lora):
+        if name.endswith("_less"):
+            assert (lora.r, lora.alpha, lora.dropout) == (128, 512, 0.1)
+        else:
+            assert (lora.r, lora.alpha) == (16, 32)
+        assert lora.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     if name.endswith("_less"):
-        assert (m.lora_r, m.lora_alpha, m.lora_dropout) == (128, 512, 0.1)
         assert (t.lr, t.epochs, t.lr_scheduler, t.warmup_ratio, effective, t.max_length) == (2e-5, 4, "linear", 0.03, 128, 2048)
     else:
-        assert (m.lora_r, m.lora_alpha) == (16, 32)
         assert (t.lr, t.epochs, t.lr_scheduler, effective) == (5e-5, 3, "cosine", 512)
-    assert m.lora_target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
     assert "eval" in cfg.run.stages and cfg.eval.paths
 
 
