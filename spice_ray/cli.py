@@ -203,18 +203,21 @@ def demo(set_: SetOpt = None, root: RootOpt = None, executor: ExecutorOpt = None
 
 @app.command()
 def report(
-    run_root: Annotated[Path, typer.Argument(help="The run root to report on.")],
+    run_root: Annotated[str, typer.Argument(help="The run root to report on: a directory or an s3:// URI.")],
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Skip re-running the baselines.")] = False,
 ) -> None:
     """Write <run>/report/index.html (self-contained) and summary.md."""
     from spice_ray.report import write_report
+    from spice_ray.storage import Store, StorageError, is_remote
 
     _setup_logging()
-    if not run_root.is_dir():
-        console.print(f"[red]error:[/red] no run at {run_root}")
-        raise typer.Exit(2)
-    baselines: tuple[str, ...] = () if no_baselines else ("spice", "logdet", "random", "gradnorm")
-    console.print(f"report: {write_report(run_root, baselines=baselines)}")
+    try:
+        if not (Store(run_root).exists("config.yaml") if is_remote(run_root) else Path(run_root).is_dir()):
+            raise _error(f"no run at {run_root}", EXIT_USAGE)
+        baselines: tuple[str, ...] = () if no_baselines else ("spice", "logdet", "random", "gradnorm")
+        console.print(f"report: {write_report(run_root, baselines=baselines)}")
+    except StorageError as e:
+        raise _error(str(e), EXIT_USAGE) from None
 
 
 @app.command()

@@ -169,6 +169,25 @@ class Store:
         return self.uri(rel)
 
 
+    def size(self, rel: str) -> int:
+        """Bytes under ``rel`` (a file, or every file of a directory; 0 when absent)."""
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.Directory:
+            return sum(i.size or 0 for i in self.fs.get_file_info(pafs.FileSelector(info.path, recursive=True)))
+        return info.size or 0 if info.type == pafs.FileType.File else 0
+
+    def download(self, rel: str, local: str | Path) -> bool:
+        """Copy ``rel`` (a file or a directory) to the local path ``local``; False when it is absent."""
+        info = self.fs.get_file_info(self.path(rel))
+        if info.type == pafs.FileType.NotFound:
+            return False
+        Path(local).parent.mkdir(parents=True, exist_ok=True)
+        if info.type == pafs.FileType.Directory:
+            Path(local).mkdir(exist_ok=True)
+        pafs.copy_files(info.path, str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
+        return True
+
+
 def move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
     """Move directory ``src`` to ``dst`` (which must not exist) on ``fs``.
 

@@ -1,6 +1,6 @@
 """The selection report of a run root (issue #8) and the comparison of two runs.
 
-- :func:`write_report` ``(run_root) -> Path``: ``<root>/report/index.html`` (self-contained: inline
+- :func:`write_report` ``(run_root) -> Path | URI``: ``<root>/report/index.html`` (self-contained: inline
   CSS, PNGs as data URIs, no JavaScript), ``<root>/report/summary.md`` and the PNGs beside them.
 - :func:`compare_runs` ``(run_a, run_b) -> str``: Markdown (overlap, source mix, log det, eval).
 

@@ -122,6 +122,16 @@ class RunArtifacts:
     train_metrics: list[dict[str, Any]]
     eval_results: dict[str, Any] | None
     errors: list[str] = field(default_factory=list)
+    location: str | None = None  # the run root's URI when ``root`` is a local mirror of it
+
+    @property
+    def where(self) -> str:
+        """The run root as the report names it."""
+        return self.location or str(self.root)
+
+    @property
+    def name(self) -> str:
+        return self.where.rstrip("/").rsplit("/", 1)[-1]
 
     # --- derived views -------------------------------------------------------------------------
 

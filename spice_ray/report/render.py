@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,6 +21,7 @@ from typing import Any
 
 from spice_ray.report import analysis, plots
 from spice_ray.report.artifacts import RunArtifacts, finite, load_run
+from spice_ray.storage import Store, is_remote
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,12 @@ def build_report(
     baselines: Sequence[str] = analysis.BASELINE_METHODS,
     n_examples: int = 5,
     max_gflop: float = analysis.MAX_GFLOP,
+    location: str | None = None,
 ) -> ReportData:
-    """Read the run root and compute the report's contents (no files written)."""
+    """Read the run root and compute the report's contents (no files written). ``location``: the
+    URI the report names when ``run_root`` is a local mirror of a remote root."""
     run = load_run(run_root)
+    run.location = location
     data = ReportData(
         run=run,
         stages=analysis.stage_counts(run),
@@ -89,15 +95,54 @@ def write_report(
     *,
     baselines: Sequence[str] = analysis.BASELINE_METHODS,
     max_gflop: float = analysis.MAX_GFLOP,
-) -> Path:
-    """Write ``<root>/report/index.html``, ``summary.md`` and the PNGs; return the HTML's path.
+) -> Path | str:
+    """Write ``<root>/report/index.html``, ``summary.md`` and the PNGs; return the HTML's path (its
+    URI for a root on object storage, whose artifacts are read through a local mirror).
 
     ``baselines``: the methods whose log det vs k is recomputed on the run's sketches with the
     run's α, λ, seed and k. A greedy method costs about what the select stage did; one estimated
     above ``max_gflop`` is skipped (the run's own method then uses its selection.parquet trace).
     Pass ``baselines=()`` to skip the comparison altogether.
     """
-    data = build_report(run_root, baselines=baselines, max_gflop=max_gflop)
+    if not is_remote(str(run_root)):
+        return _write_report_here(run_root, baselines=baselines, max_gflop=max_gflop)
+    store = Store(str(run_root))
+    with tempfile.TemporaryDirectory(prefix="spice-report-") as mirror:
+        mirror_run(store, Path(mirror), sketches=bool(baselines))
+        _write_report_here(mirror, baselines=baselines, max_gflop=max_gflop, location=store.uri())
+        store.upload_dir(Path(mirror) / REPORT_DIR, REPORT_DIR)
+    log.info("report written to %s", store.uri(f"{REPORT_DIR}/{INDEX}"))
+    return store.uri(f"{REPORT_DIR}/{INDEX}")
+
+
+MIRROR_FIELDS = ("records", "quarantine", "selection", "metrics", "results_file")
+MIRROR_SKETCH_BYTES = 2 * 1024**3  # larger sketches stay in the bucket: no baselines then
+
+
+def mirror_run(store: Store, local: Path, *, sketches: bool) -> None:
+    """Copy what the report reads of a remote run root into ``local``, in the same layout: the config,
+    each stage's manifest and marker, and the artifacts its result names (sketches only when asked
+    for and at most ``MIRROR_SKETCH_BYTES``; never checkpoints or models)."""
+    from spice_ray.pipeline import MANIFEST, MARKER, ROOT_PREFIX
+    from spice_ray.report.artifacts import REPORT_STAGES
+
+    wanted = ["config.yaml", "select/summary.json"]
+    for stage in REPORT_STAGES:
+        wanted += [f"{stage}/{MANIFEST}", f"{stage}/{MARKER}"]
+        if not store.exists(f"{stage}/{MANIFEST}"):
+            continue
+        result = json.loads(store.read_text(f"{stage}/{MANIFEST}")).get("result", {})
+        fields = MIRROR_FIELDS + (("sketches",) if sketches else ())
+        wanted += [v[len(ROOT_PREFIX):] for k, v in result.items() if k in fields and isinstance(v, str) and v.startswith(ROOT_PREFIX)]
+    for rel in dict.fromkeys(wanted):
+        if rel.startswith("sketch/") and store.size(rel) > MIRROR_SKETCH_BYTES:
+            log.warning("report: %s is over %d GiB; not fetched, so no baselines", store.uri(rel), MIRROR_SKETCH_BYTES >> 30)
+            continue
+        store.download(rel, local / rel)
+
+
+def _write_report_here(root: str | Path, *, baselines: Sequence[str], max_gflop: float, location: str | None = None) -> Path:
+    data = build_report(root, baselines=baselines, max_gflop=max_gflop, location=location)
     out = data.run.root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     for name in ("source_mix.png", "token_lengths.png", "gain_decay.png", "conflict.png", "logdet_vs_k.png", "train_loss.png"):
@@ -300,7 +345,7 @@ def _cards(data: ReportData) -> str:
 def render_html(data: ReportData) -> str:
     run = data.run
     s = run.summary
-    name = run.root.name
+    name = run.name
     parts: list[str] = []
     add = parts.append
     sections = [("stages", "Stages"), ("quarantine", "Quarantine"), ("sources", "Source mix"),
@@ -311,7 +356,7 @@ def render_html(data: ReportData) -> str:
         params = (f"method <code>{_h(s.get('method', '?'))}</code>, α = {param(s.get('alpha'))}, "
                   f"λ = {param(s.get('lam'))}, ω = {param(s.get('omega'))}")
     nav = "".join('<a href="#' + a + '">' + _h(t) + "</a>" for a, t in sections)
-    sub = f"run root <code>{_h(run.root)}</code>" + (" · " + params if params else "")
+    sub = f"run root <code>{_h(run.where)}</code>" + (" · " + params if params else "")
     add(f'<header><h1>SPICE selection report: {_h(name)}</h1><div class="sub">{sub}</div><nav>{nav}</nav></header>')
     add(_cards(data))
     if run.errors:
@@ -499,7 +544,7 @@ def render_html(data: ReportData) -> str:
         add(_not_run("eval"))
 
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    add(f"<footer>Generated {now} by spice_ray.report from the artifacts under <code>{_h(run.root)}</code>.</footer>")
+    add(f"<footer>Generated {now} by spice_ray.report from the artifacts under <code>{_h(run.where)}</code>.</footer>")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -523,7 +568,7 @@ def _md_table(headers: list[str], rows: list[list[Any]], right: set[int] | None 
 def render_markdown(data: ReportData) -> str:
     run = data.run
     s = run.summary
-    L: list[str] = [f"# SPICE selection report: {_md(run.root.name)}", "", f"Run root: `{run.root}`", ""]
+    L: list[str] = [f"# SPICE selection report: {_md(run.name)}", "", f"Run root: `{run.where}`", ""]
     if s:
         L += [f"Selection: method `{s.get('method', '?')}`, α = {param(s.get('alpha'))}, "
               f"λ = {param(s.get('lam'))}, ω = {param(s.get('omega'))}", ""]

@@ -136,6 +136,16 @@ def test_smoke_run_on_s3_resumes_and_keeps_every_artifact(s3_env, tmp_path, monk
         assert run.store.exists(f"{model_dir}/{name}"), name
     assert [r["selected"] for r in list_runs(root)] == [selection.num_rows] * 2  # two runs did work
 
+    # the report of a root in the bucket: written back into it, naming the bucket's root
+    from typer.testing import CliRunner
+
+    from spice_ray.cli import app
+
+    done = CliRunner().invoke(app, ["report", root])
+    assert done.exit_code == 0 and "report/index.html" in done.output, done.output
+    html = run.store.read_text("report/index.html")
+    assert root in html and f"{selection.num_rows:,}" in html
+
 
 def test_ensure_local_follows_remote_changes(s3_env, tmp_path, monkeypatch):
     """A downloaded file or directory is reused while unchanged and fetched again once it changes."""

@@ -411,3 +411,29 @@ def test_renders_in_headless_chromium(full_run, tmp_path) -> None:
                               "--window-size=1280,1600", index.as_uri()], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert shot.is_file() and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
+
+
+def test_a_remote_root_reports_through_a_mirror_of_what_the_report_reads(tmp_path):
+    """``write_report`` on object storage reads a local mirror (mirror_run): the same report, and no
+    checkpoint or model is fetched. (The S3 round trip itself: tests/e2e/test_s3_run.py.)"""
+    from spice_ray.pipeline import portable
+    from spice_ray.report.render import build_report, mirror_run, render_markdown
+    from spice_ray.storage import Store
+
+    root = make_run(tmp_path / "run")
+    (root / "train" / "model").mkdir()
+    (root / "train" / "model" / "model.safetensors").write_bytes(b"weights")
+    for path in root.glob("*/manifest.json"):  # as the pipeline writes them: paths inside the root as root:…
+        path.write_text(json.dumps(portable(json.loads(path.read_text()), str(root))))
+    mirror = tmp_path / "mirror"
+    mirror_run(Store(str(root)), mirror, sketches=True)
+    assert (mirror / "sketch" / "sketches").is_dir() and (mirror / "train" / "metrics.jsonl").is_file()
+    assert not (mirror / "train" / "model").exists()
+
+    def markdown(at: Path, location: str | None = None) -> str:
+        text = render_markdown(build_report(at, baselines=("random",), location=location))
+        return "\n".join(line for line in text.splitlines() if "generated" not in line.lower())
+
+    assert markdown(mirror, location=str(root)) == markdown(root)  # named by the root it mirrors
+    mirror_run(Store(str(root)), tmp_path / "lean", sketches=False)
+    assert not (tmp_path / "lean" / "sketch" / "sketches").exists()
