@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -342,32 +342,17 @@ def _cards(data: ReportData) -> str:
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
-def render_html(data: ReportData) -> str:
-    run = data.run
-    s = run.summary
-    name = run.name
+def _html_stages(data: ReportData) -> str:
     parts: list[str] = []
     add = parts.append
-    sections = [("stages", "Stages"), ("quarantine", "Quarantine"), ("sources", "Source mix"),
-                ("lengths", "Token lengths"), ("trace", "Selection trace"), ("logdet", "log det vs baselines"),
-                ("diagnostics", "Diagnostics"), ("examples", "Examples"), ("train", "Training"), ("eval", "Eval")]
-    params = ""
-    if s:
-        params = (f"method <code>{_h(s.get('method', '?'))}</code>, α = {param(s.get('alpha'))}, "
-                  f"λ = {param(s.get('lam'))}, ω = {param(s.get('omega'))}")
-    nav = "".join('<a href="#' + a + '">' + _h(t) + "</a>" for a, t in sections)
-    sub = f"run root <code>{_h(run.where)}</code>" + (" · " + params if params else "")
-    add(f'<header><h1>SPICE selection report: {_h(name)}</h1><div class="sub">{sub}</div><nav>{nav}</nav></header>')
-    add(_cards(data))
-    if run.errors:
-        add('<p class="notrun">unreadable artifacts: ' + _h("; ".join(run.errors)) + "</p>")
-
-    # stages
-    add('<h2 id="stages">Stages</h2>')
     add(_table(["stage", "status", "counts"], [[_h(r["stage"]), _status_badge(r["status"]), _h(r["detail"])] for r in data.stages]))
+    return "".join(parts)
 
-    # quarantine
-    add('<h2 id="quarantine">Quarantine</h2>')
+
+def _html_quarantine(data: ReportData) -> str:
+    run = data.run
+    parts: list[str] = []
+    add = parts.append
     if data.reasons or data.quarantine_examples:
         total = sum(data.reasons.values())
         rows = [[f"<code>{_h(k)}</code>", fmt(v), pct(v / total if total else None)]
@@ -383,9 +368,12 @@ def render_html(data: ReportData) -> str:
         add(_not_run("ingest"))
     else:
         add('<p class="muted">No row was quarantined.</p>')
+    return "".join(parts)
 
-    # source mix
-    add('<h2 id="sources">Source mix</h2>')
+
+def _html_sources(data: ReportData) -> str:
+    parts: list[str] = []
+    add = parts.append
     if data.source_mix:
         add(_img(data, "source_mix.png", "source mix", "Share of records per source in the corpus and in the selection."))
         rows = []
@@ -400,9 +388,12 @@ def render_html(data: ReportData) -> str:
         add('<p class="muted">lift = selected share / corpus share.</p>')
     else:
         add(_not_run("ingest"))
+    return "".join(parts)
 
-    # token lengths
-    add('<h2 id="lengths">Token lengths</h2>')
+
+def _html_lengths(data: ReportData) -> str:
+    parts: list[str] = []
+    add = parts.append
     if data.lengths:
         add(_img(data, "token_lengths.png", "token length histogram"))
         rows = []
@@ -414,9 +405,14 @@ def render_html(data: ReportData) -> str:
         add(_table(["records", "n", "mean", "median", "p90", "max"], rows, numeric={1, 2, 3, 4, 5}))
     else:
         add(_not_run("ingest"))
+    return "".join(parts)
 
-    # selection trace
-    add('<h2 id="trace">Selection trace</h2>')
+
+def _html_trace(data: ReportData) -> str:
+    run = data.run
+    s = run.summary
+    parts: list[str] = []
+    add = parts.append
     if data.gain:
         g = data.gain
         note = f"stop reason: <code>{_h(g['stop_reason'])}</code>"
@@ -434,9 +430,14 @@ def render_html(data: ReportData) -> str:
             fmt(finite(s.get("mean_conflict"))), _h(s.get("stop_reason", "—"))]], numeric={0, 1, 2, 3}))
     else:
         add(_not_run("select"))
+    return "".join(parts)
 
-    # log det vs baselines
-    add('<h2 id="logdet">log det vs k: SPICE and baselines</h2>')
+
+def _html_logdet(data: ReportData) -> str:
+    run = data.run
+    s = run.summary
+    parts: list[str] = []
+    add = parts.append
     ld = data.logdet
     if ld and "curves" in ld:
         add(_img(data, "logdet_vs_k.png", "log det vs k",
@@ -461,9 +462,12 @@ def render_html(data: ReportData) -> str:
         add(_not_run("sketch"))
     else:
         add('<p class="notrun">baselines not computed (disabled)</p>')
+    return "".join(parts)
 
-    # diagnostics
-    add('<h2 id="diagnostics">Diagnostics</h2>')
+
+def _html_diagnostics(data: ReportData) -> str:
+    parts: list[str] = []
+    add = parts.append
     dg = data.diagnostics
     if dg:
         if dg["headline"]:
@@ -492,9 +496,12 @@ def render_html(data: ReportData) -> str:
             add('<p class="muted">selection engine: ' + _h(", ".join(f"{k} {fmt(v)}" for k, v in dg["engine"].items())) + "</p>")
     else:
         add(_not_run("select"))
+    return "".join(parts)
 
-    # examples
-    add('<h2 id="examples">Top and bottom selected examples by score</h2>')
+
+def _html_examples(data: ReportData) -> str:
+    parts: list[str] = []
+    add = parts.append
     if data.examples:
         for title, key in (("Highest score (Δ − λc)", "top"), ("Lowest score among the selected", "bottom")):
             if not data.examples[key]:
@@ -513,9 +520,13 @@ def render_html(data: ReportData) -> str:
                 add(f'<div class="ex"><div class="meta">{_h(meta)}</div>{body}</div>')
     else:
         add(_not_run("select"))
+    return "".join(parts)
 
-    # train
-    add('<h2 id="train">Training</h2>')
+
+def _html_train(data: ReportData) -> str:
+    run = data.run
+    parts: list[str] = []
+    add = parts.append
     tr = data.train
     tres = run.stages["train"].result
     if tr or tres:
@@ -535,13 +546,54 @@ def render_html(data: ReportData) -> str:
             add('<p class="muted">train/metrics.jsonl not found or empty.</p>')
     else:
         add(_not_run("train"))
+    return "".join(parts)
 
-    # eval
-    add('<h2 id="eval">Eval</h2>')
+
+def _html_eval(data: ReportData) -> str:
+    parts: list[str] = []
+    add = parts.append
     if data.eval:
         add(_table(["metric", "value"], [[f"<code>{_h(k)}</code>", _h(fmt(v))] for k, v in data.eval], numeric={1}))
     else:
         add(_not_run("eval"))
+    return "".join(parts)
+
+
+HTML_SECTIONS: list[tuple[str, str, str, Callable[[ReportData], str]]] = [  # anchor, nav title, heading, renderer
+    ("stages", "Stages", "Stages", _html_stages),
+    ("quarantine", "Quarantine", "Quarantine", _html_quarantine),
+    ("sources", "Source mix", "Source mix", _html_sources),
+    ("lengths", "Token lengths", "Token lengths", _html_lengths),
+    ("trace", "Selection trace", "Selection trace", _html_trace),
+    ("logdet", "log det vs baselines", "log det vs k: SPICE and baselines", _html_logdet),
+    ("diagnostics", "Diagnostics", "Diagnostics", _html_diagnostics),
+    ("examples", "Examples", "Top and bottom selected examples by score", _html_examples),
+    ("train", "Training", "Training", _html_train),
+    ("eval", "Eval", "Eval", _html_eval),
+]
+
+
+def render_html(data: ReportData) -> str:
+    """The self-contained HTML page: header, cards, then one section per entry of ``HTML_SECTIONS``."""
+    run = data.run
+    s = run.summary
+    name = run.name
+    parts: list[str] = []
+    add = parts.append
+    params = ""
+    if s:
+        params = (f"method <code>{_h(s.get('method', '?'))}</code>, α = {param(s.get('alpha'))}, "
+                  f"λ = {param(s.get('lam'))}, ω = {param(s.get('omega'))}")
+    nav = "".join('<a href="#' + a + '">' + _h(t) + "</a>" for a, t, _, _ in HTML_SECTIONS)
+    sub = f"run root <code>{_h(run.where)}</code>" + (" · " + params if params else "")
+    add(f'<header><h1>SPICE selection report: {_h(name)}</h1><div class="sub">{sub}</div><nav>{nav}</nav></header>')
+    add(_cards(data))
+    if run.errors:
+        add('<p class="notrun">unreadable artifacts: ' + _h("; ".join(run.errors)) + "</p>")
+
+    for anchor, _, heading, section in HTML_SECTIONS:
+        add(f'<h2 id="{anchor}">{_h(heading)}</h2>')
+        add(section(data))
 
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     add(f"<footer>Generated {now} by spice_ray.report from the artifacts under <code>{_h(run.where)}</code>.</footer>")
