@@ -31,7 +31,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -42,6 +41,7 @@ import torch
 
 from spice_ray.config import Config, CorpusConfig
 from spice_ray.executor import Executor, Resources
+from spice_ray.storage import Store
 
 logger = logging.getLogger(__name__)
 
@@ -289,9 +289,7 @@ def run_eval_stage(
         "sets": sets,
         "seconds": round(time.time() - t0, 3),
     }
-    tmp = out / f".{RESULTS_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out / RESULTS_FILE)
+    Store(str(out)).write_text(RESULTS_FILE, json.dumps(results, indent=2))
     for name, entry in sets.items():
         logger.info(
             "eval %s: n=%d tokens=%d base=%s tuned=%s", name, entry["n"], entry["tokens"],

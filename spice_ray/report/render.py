@@ -11,7 +11,6 @@ import base64
 import html
 import json
 import logging
-import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -143,24 +142,17 @@ def mirror_run(store: Store, local: Path, *, sketches: bool) -> None:
 
 def _write_report_here(root: str | Path, *, baselines: Sequence[str], max_gflop: float, location: str | None = None) -> Path:
     data = build_report(root, baselines=baselines, max_gflop=max_gflop, location=location)
-    out = data.run.root / REPORT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out = Store(str(data.run.root / REPORT_DIR))
     for name in ("source_mix.png", "token_lengths.png", "gain_decay.png", "conflict.png", "logdet_vs_k.png", "train_loss.png"):
         if name in data.figures:
-            _write_atomic(out / name, data.figures[name])
-        elif (out / name).exists():
-            (out / name).unlink()  # a figure from an earlier report whose data is gone
-    _write_atomic(out / SUMMARY_MD, render_markdown(data).encode())
-    index = out / INDEX
-    _write_atomic(index, render_html(data).encode())
+            out.write_bytes(name, data.figures[name])
+        else:
+            out.delete(name)  # a figure from an earlier report whose data is gone
+    out.write_text(SUMMARY_MD, render_markdown(data))
+    out.write_text(INDEX, render_html(data))
+    index = Path(out.path(INDEX))
     log.info("report written to %s", index)
     return index
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------------
