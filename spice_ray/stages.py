@@ -258,7 +258,8 @@ def _describe_eval(cfg: Config, r: dict[str, Any]) -> str:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("models", reads=("model.proxy", "model.target", "model.tokenizer", *_LOADING), run=run_models, describe=lambda cfg, r: f"proxy {r.get('proxy')}, target {r.get('target')}"),
+    Stage("models", reads=("model.proxy", "model.target", "model.tokenizer", *_LOADING), run=run_models,
+          describe=lambda cfg, r: f"proxy {r.get('proxy')}, target {r.get('target')}"),
     Stage("ingest", reads=("corpus",), run=run_ingest, needs=("models.tokenizer_fingerprint",),
           inputs=lambda cfg: [files_key(cfg.corpus.paths)], describe=_describe_ingest),
     Stage("sketch", reads=("sketch", "corpus.max_tokens", "model.proxy_lora", *_LOADING), run=run_sketch,
