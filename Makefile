@@ -15,7 +15,7 @@ export RAY_AUTH_MODE ?= disabled
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/spice-ray/torch_extensions
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv demo test test-fast clean
+.PHONY: venv demo test test-fast test-drills clean
 
 venv: $(STAMP)
 
@@ -29,11 +29,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: venv
 	$(BIN)/spice-ray demo
 
+# make test: everything but the drills (about 8 min on 2 cores); CI runs both.
 test: venv
-	$(BIN)/pytest
+	$(BIN)/pytest -m "not drill"
 
 test-fast: venv
 	$(BIN)/pytest tests/unit -m "not slow"
+
+# the server drills: S3 (SeaweedFS) runs, ray job submit to a second head, the GPU suite's CPU dry run
+test-drills: venv
+	$(BIN)/pytest -m drill
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -16,7 +16,7 @@ from spice_ray.config import load_config
 from spice_ray.submit import submission_id
 from spice_ray.testing import ray_head
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.drill]
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 

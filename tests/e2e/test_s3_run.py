@@ -27,7 +27,7 @@ from spice_ray.corpus.demo import write_demo_corpus
 from spice_ray.pipeline import STAGES, RunRoot, list_runs, verify_artifacts
 from spice_ray.testing import free_port, ray_head
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3]
+pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.drill]
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 BUCKET = "spice"

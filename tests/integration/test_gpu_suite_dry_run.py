@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-pytestmark = [pytest.mark.deepspeed, pytest.mark.ray]
+pytestmark = [pytest.mark.deepspeed, pytest.mark.ray, pytest.mark.drill]
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = ("lora7b", "full1p5b", "sketch", "select", "picks")
