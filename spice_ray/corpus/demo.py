@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -290,19 +289,16 @@ def row_format(row: dict) -> str:
 
 def write_demo_corpus(out_dir: str | Path, n: int = 600, seed: int = 0) -> list[Path]:
     """Write the demo corpus as one JSONL file per input format; return the paths (sorted)."""
+    from spice_ray.storage import Store
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    store = Store(str(out))
     groups: dict[str, list[dict]] = {}
     for row in generate_demo_corpus(n=n, seed=seed):
         groups.setdefault(row_format(row), []).append(row)
     paths = []
     for fmt in sorted(groups):
-        path = out / f"demo_{fmt}.jsonl"
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        with tmp.open("w", encoding="utf-8") as fh:
-            for row in groups[fmt]:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        paths.append(path)
+        store.write_text(f"demo_{fmt}.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in groups[fmt]))
+        paths.append(out / f"demo_{fmt}.jsonl")
     logger.info("wrote demo corpus: %d rows in %d files under %s", n, len(paths), out)
     return paths

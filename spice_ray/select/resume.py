@@ -9,22 +9,22 @@ in t/128 reads; lazy: only the selected-side updates, its initial bounds stay va
 same decisions. So a killed selection that resumes ends with the same picks, gains and trace as an
 uninterrupted one.
 
-Layout: ``<dir>/picks.json`` = ``{"version", "fingerprint", "picks", "complete"}``. Local paths are
-written to a temp file, fsynced and ``os.replace``d; ``scheme://`` URIs (pyarrow.fs) are written
-with a single object put, which object stores make visible atomically.
+Layout: ``<dir>/picks.json`` = ``{"version", "fingerprint", "picks", "complete"}``, written with
+``Store.write_text`` (atomic: a temp file renamed into place locally, one object put on a store).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import uuid
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
+
+from spice_ray.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -50,28 +50,20 @@ class PickCheckpoint:
     def __init__(self, directory: str | os.PathLike[str], fingerprint: dict[str, Any]) -> None:
         self.directory = str(directory)
         self.fingerprint = json.loads(json.dumps(fingerprint))  # normalised (tuples → lists)
-        self.remote = "://" in self.directory
-        if self.remote:
-            self.fs, root = pafs.FileSystem.from_uri(self.directory)
-            self.root = root.rstrip("/")
-        else:
-            self.fs, self.root = None, os.path.abspath(self.directory)
+        self._store: Store | None = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:  # on first use: a Store creates its directory
+            self._store = Store(self.directory)
+        return self._store
 
     @property
     def path(self) -> str:
-        return f"{self.root}/{CHECKPOINT_FILE}" if self.remote else os.path.join(self.root, CHECKPOINT_FILE)
+        return self.store.uri(CHECKPOINT_FILE)
 
-    def _read(self) -> bytes | None:
-        if self.remote:
-            assert self.fs is not None
-            if self.fs.get_file_info(self.path).type == pafs.FileType.NotFound:
-                return None
-            with self.fs.open_input_stream(self.path) as f:
-                return f.read()
-        if not os.path.exists(self.path):
-            return None
-        with open(self.path, "rb") as f:
-            return f.read()
+    def _read(self) -> str | None:
+        return self.store.read_text(CHECKPOINT_FILE) if self.store.exists(CHECKPOINT_FILE) else None
 
     def load(self) -> list[int]:
         """The checkpointed picks, or [] when there is none or it belongs to another problem."""
@@ -92,37 +84,14 @@ class PickCheckpoint:
 
     def save(self, picks: list[int], complete: bool = False) -> None:
         """Write the picks so far (atomically: a reader sees the old file or the new one)."""
-        data = json.dumps(
-            {"version": VERSION, "fingerprint": self.fingerprint, "picks": [int(i) for i in picks], "complete": complete}
-        ).encode()
-        if self.remote:
-            assert self.fs is not None
-            self.fs.create_dir(self.root, recursive=True)
-            with self.fs.open_output_stream(self.path) as f:
-                f.write(data)
-            return
-        os.makedirs(self.root, exist_ok=True)
-        tmp = os.path.join(self.root, f".{CHECKPOINT_FILE}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        data = {"version": VERSION, "fingerprint": self.fingerprint, "picks": [int(i) for i in picks], "complete": complete}
+        self.store.write_text(CHECKPOINT_FILE, json.dumps(data))
 
     def clear(self) -> None:
-        """Remove the checkpoint (after the selection's outputs are safely written)."""
-        if self.remote:
-            assert self.fs is not None
-            if self.fs.get_file_info(self.root).type != pafs.FileType.NotFound:
-                self.fs.delete_dir(self.root)
-            return
-        if os.path.exists(self.path):
-            os.remove(self.path)
-        try:
-            os.rmdir(self.root)
-        except OSError:
-            pass
+        """Remove the checkpoint and its directory (after the selection's outputs are safely written)."""
+        self.store.delete(CHECKPOINT_FILE)
+        if self.store.is_local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.store.path())  # only when nothing else is in it
+        else:
+            self.store.fs.delete_dir(self.store.path())
