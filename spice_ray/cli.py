@@ -58,7 +58,7 @@ def _setup_logging(verbose: bool = False) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
     if not verbose:
         handler.addFilter(_ConsoleFilter())
-        if not _has_cuda():
+        if not Path("/dev/nvidiactl").exists():  # no NVIDIA driver (asking torch would cost 1.4 s of start-up)
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on import that it found none
         warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes: driver.log has them
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -68,12 +68,6 @@ def _setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     handler._spice = True  # type: ignore[attr-defined]
     root.addHandler(handler)
-
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _error(message: str, code: int) -> typer.Exit:

@@ -532,12 +532,12 @@ def config_reference_markdown() -> str:
 
     def add(prefix: str, model: type[BaseModel], values: dict[str, Any]) -> None:
         for key, sub in model.model_fields.items():
-            if isinstance(sub.annotation, type) and issubclass(sub.annotation, BaseModel):  # a nested section
-                rows.append(f"| `{prefix}.{key}.*` | | {(sub.description or '').replace('|', chr(92) + '|')} |")
-                add(f"{prefix}.{key}", sub.annotation, values[key])
-                continue
             meaning = (sub.description or "").replace("|", "\\|")  # a bare | would split the cell
-            rows.append(f"| `{prefix}.{key}` | `{json.dumps(values[key])}` | {meaning} |")
+            if isinstance(sub.annotation, type) and issubclass(sub.annotation, BaseModel):  # a nested section
+                rows.append(f"| `{prefix}.{key}.*` | | {meaning} |")
+                add(f"{prefix}.{key}", sub.annotation, values[key])
+            else:
+                rows.append(f"| `{prefix}.{key}` | `{json.dumps(values[key])}` | {meaning} |")
 
     for section, field in Config.model_fields.items():
         add(section, field.annotation, defaults[section])  # type: ignore[arg-type]

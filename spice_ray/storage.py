@@ -174,7 +174,9 @@ class Store:
         info = self.fs.get_file_info(self.path(rel))
         if info.type == pafs.FileType.Directory:
             return sum(i.size or 0 for i in self.fs.get_file_info(pafs.FileSelector(info.path, recursive=True)))
-        return info.size or 0 if info.type == pafs.FileType.File else 0
+        if info.type == pafs.FileType.File:
+            return info.size or 0
+        return 0
 
     def download(self, rel: str, local: str | Path) -> bool:
         """Copy ``rel`` (a file or a directory) to the local path ``local``; False when it is absent."""

@@ -54,7 +54,8 @@ def add_lora(
     dropout: float = 0.0,
     seed: int = 0,
 ) -> PeftModel:
-    """Wrap ``model`` with LoRA adapters. The init is seeded, so every worker builds the same
+    """Wrap ``model`` with LoRA adapters (the keywords are :class:`spice_ray.config.LoraConfig`'s
+    fields, so ``add_lora(model, **cfg.model.target_lora.model_dump(), seed=…)``). The init is seeded, so every worker builds the same
     adapters (LoRA A is random; B starts at zero, so the adapted model equals the base)."""
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"

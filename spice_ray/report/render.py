@@ -12,7 +12,7 @@ import html
 import json
 import logging
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -334,40 +334,32 @@ def _cards(data: ReportData) -> str:
     return f'<div class="cards">{"".join(cards)}</div>'
 
 
-def _html_stages(data: ReportData) -> str:
-    parts: list[str] = []
-    add = parts.append
-    add(_table(["stage", "status", "counts"], [[_h(r["stage"]), _status_badge(r["status"]), _h(r["detail"])] for r in data.stages]))
-    return "".join(parts)
+def _html_stages(data: ReportData) -> Iterator[str]:
+    yield _table(["stage", "status", "counts"], [[_h(r["stage"]), _status_badge(r["status"]), _h(r["detail"])] for r in data.stages])
 
 
-def _html_quarantine(data: ReportData) -> str:
+def _html_quarantine(data: ReportData) -> Iterator[str]:
     run = data.run
-    parts: list[str] = []
-    add = parts.append
     if data.reasons or data.quarantine_examples:
         total = sum(data.reasons.values())
         rows = [[f"<code>{_h(k)}</code>", fmt(v), pct(v / total if total else None)]
                 for k, v in sorted(data.reasons.items(), key=lambda kv: (-kv[1], kv[0]))]
-        add(_table(["reason", "rows", "share"], rows, numeric={1, 2}))
+        yield _table(["reason", "rows", "share"], rows, numeric={1, 2})
         if data.quarantine_examples:
-            add("<h3>Examples</h3>")
-            add(_table(["file", "line", "reason", "detail"], [
+            yield "<h3>Examples</h3>"
+            yield _table(["file", "line", "reason", "detail"], [
                 [f"<code>{_h(Path(str(r.get('file', ''))).name)}</code>", fmt(r.get("line")),
                  f"<code>{_h(r.get('reason', ''))}</code>", _h(_truncate(r.get("detail"), 160))]
-                for r in data.quarantine_examples], numeric={1}))
+                for r in data.quarantine_examples], numeric={1})
     elif run.stages["ingest"].status == NOT_RUN and run.records is None:
-        add(_not_run("ingest"))
+        yield _not_run("ingest")
     else:
-        add('<p class="muted">No row was quarantined.</p>')
-    return "".join(parts)
+        yield '<p class="muted">No row was quarantined.</p>'
 
 
-def _html_sources(data: ReportData) -> str:
-    parts: list[str] = []
-    add = parts.append
+def _html_sources(data: ReportData) -> Iterator[str]:
     if data.source_mix:
-        add(_img(data, "source_mix.png", "source mix", "Share of records per source in the corpus and in the selection."))
+        yield _img(data, "source_mix.png", "source mix", "Share of records per source in the corpus and in the selection.")
         rows = []
         for r in data.source_mix:
             rows.append([_h(r["source"]), fmt(r["corpus"]), pct(r["corpus_share"]),
@@ -376,35 +368,29 @@ def _html_sources(data: ReportData) -> str:
         tot_s = sum(r["selected"] or 0 for r in data.source_mix) if data.source_mix[0]["selected"] is not None else None
         rows.append(["<b>total</b>", f"<b>{fmt(tot_c)}</b>", "100.0%", f"<b>{fmt(tot_s)}</b>",
                      "100.0%" if tot_s else "—", ""])
-        add(_table(["source", "corpus", "corpus share", "selected", "selected share", "lift"], rows, numeric={1, 2, 3, 4, 5}))
-        add('<p class="muted">lift = selected share / corpus share.</p>')
+        yield _table(["source", "corpus", "corpus share", "selected", "selected share", "lift"], rows, numeric={1, 2, 3, 4, 5})
+        yield '<p class="muted">lift = selected share / corpus share.</p>'
     else:
-        add(_not_run("ingest"))
-    return "".join(parts)
+        yield _not_run("ingest")
 
 
-def _html_lengths(data: ReportData) -> str:
-    parts: list[str] = []
-    add = parts.append
+def _html_lengths(data: ReportData) -> Iterator[str]:
     if data.lengths:
-        add(_img(data, "token_lengths.png", "token length histogram"))
+        yield _img(data, "token_lengths.png", "token length histogram")
         rows = []
         for label, st in (("all", data.lengths["stats_all"]), ("selected", data.lengths["stats_selected"])):
             if st:
                 rows.append([label, fmt(st["n"]), fmt(st["mean"], 1), fmt(st["median"], 1), fmt(st["p90"], 1), fmt(st["max"], 0)])
             else:
                 rows.append([label, NOT_RUN, "", "", "", ""])
-        add(_table(["records", "n", "mean", "median", "p90", "max"], rows, numeric={1, 2, 3, 4, 5}))
+        yield _table(["records", "n", "mean", "median", "p90", "max"], rows, numeric={1, 2, 3, 4, 5})
     else:
-        add(_not_run("ingest"))
-    return "".join(parts)
+        yield _not_run("ingest")
 
 
-def _html_trace(data: ReportData) -> str:
+def _html_trace(data: ReportData) -> Iterator[str]:
     run = data.run
     s = run.summary
-    parts: list[str] = []
-    add = parts.append
     if data.gain:
         g = data.gain
         note = f"stop reason: <code>{_h(g['stop_reason'])}</code>"
@@ -412,29 +398,26 @@ def _html_trace(data: ReportData) -> str:
             note += f" after {fmt(g['early_stop_at'])} picks (of {fmt(g['k_requested'])} requested)"
         if g["threshold"] is not None:
             note += f"; threshold ω·Δ_first = {fmt(g['threshold'])}"
-        add(f"<p>{note}</p>")
-        add('<div class="grid2">')
-        add(_img(data, "gain_decay.png", "marginal gain decay", "Gain Δ of each pick, against its base b."))
-        add(_img(data, "conflict.png", "conflict over steps", "Conflict c of each pick with the mean sketch of the picks before it."))
-        add("</div>")
-        add(_table(["selected", "final log det", "mean gain", "mean conflict", "stop reason"], [[
+        yield f"<p>{note}</p>"
+        yield '<div class="grid2">'
+        yield _img(data, "gain_decay.png", "marginal gain decay", "Gain Δ of each pick, against its base b.")
+        yield _img(data, "conflict.png", "conflict over steps", "Conflict c of each pick with the mean sketch of the picks before it.")
+        yield "</div>"
+        yield _table(["selected", "final log det", "mean gain", "mean conflict", "stop reason"], [[
             fmt(s.get("k_selected", run.selection.num_rows)), fmt(finite(s.get("logdet"))), fmt(finite(s.get("mean_gain"))),
-            fmt(finite(s.get("mean_conflict"))), _h(s.get("stop_reason", "—"))]], numeric={0, 1, 2, 3}))
+            fmt(finite(s.get("mean_conflict"))), _h(s.get("stop_reason", "—"))]], numeric={0, 1, 2, 3})
     else:
-        add(_not_run("select"))
-    return "".join(parts)
+        yield _not_run("select")
 
 
-def _html_logdet(data: ReportData) -> str:
+def _html_logdet(data: ReportData) -> Iterator[str]:
     run = data.run
     s = run.summary
-    parts: list[str] = []
-    add = parts.append
     ld = data.logdet
     if ld and "curves" in ld:
-        add(_img(data, "logdet_vs_k.png", "log det vs k",
+        yield _img(data, "logdet_vs_k.png", "log det vs k",
                  f"Every method run by spice_ray.select.select on the same sketches, k = {ld['k']:,}, "
-                 f"α = {ld['alpha']:g}, λ = {ld['lam']:g}, seed = {ld['seed']}."))
+                 f"α = {ld['alpha']:g}, λ = {ld['lam']:g}, seed = {ld['seed']}.")
         ref = ld["final"].get("spice")
         rows = []
         for m, v in ld["final"].items():
@@ -447,19 +430,16 @@ def _html_logdet(data: ReportData) -> str:
             rows.append([f"this run (<code>{_h(ld.get('run_method'))}</code>, summary.json)", fmt(s.get("k_selected")),
                          fmt(ld["run_logdet"]), f"{ld['run_logdet'] / ref:.3f}" if ref else "—",
                          fmt(finite(s.get("mean_conflict")))])
-        add(_table(["method", "k", "log det", "/ spice", "mean conflict"], rows, numeric={1, 2, 3, 4}))
+        yield _table(["method", "k", "log det", "/ spice", "mean conflict"], rows, numeric={1, 2, 3, 4})
     elif ld and "error" in ld:
-        add(f'<p class="notrun">baselines not computed: {_h(ld["error"])}</p>')
+        yield f'<p class="notrun">baselines not computed: {_h(ld["error"])}</p>'
     elif run.sketches_path is None:
-        add(_not_run("sketch"))
+        yield _not_run("sketch")
     else:
-        add('<p class="notrun">baselines not computed (disabled)</p>')
-    return "".join(parts)
+        yield '<p class="notrun">baselines not computed (disabled)</p>'
 
 
-def _html_diagnostics(data: ReportData) -> str:
-    parts: list[str] = []
-    add = parts.append
+def _html_diagnostics(data: ReportData) -> Iterator[str]:
     dg = data.diagnostics
     if dg:
         if dg["headline"]:
@@ -469,36 +449,33 @@ def _html_diagnostics(data: ReportData) -> str:
                 f'<div class="s">{_h(h["key"])}</div></div>'
                 for h in dg["headline"]
             )
-            add(f'<div class="cards">{cards}</div>')
-        add('<div class="grid2">')
+            yield f'<div class="cards">{cards}</div>'
+        yield '<div class="grid2">'
         if dg["summary"]:
-            add("<div><h3>From select/summary.json</h3>")
-            add(_table(["key", "value"], [[f"<code>{_h(k)}</code>", _h(_diag_value(k, v))] for k, v in dg["summary"].items()], numeric={1}))
-            add("</div>")
+            yield "<div><h3>From select/summary.json</h3>"
+            yield _table(["key", "value"], [[f"<code>{_h(k)}</code>", _h(_diag_value(k, v))] for k, v in dg["summary"].items()], numeric={1})
+            yield "</div>"
         if dg["computed"]:
-            add("<div><h3>From the selection trace (selection.parquet)</h3>")
-            add(_table(["quantity", "value"], [[_h(DIAG_LABELS.get(k, k)), _h(_diag_value(k, v))] for k, v in dg["computed"].items()], numeric={1}))
-            add("</div>")
-        add("</div>")
+            yield "<div><h3>From the selection trace (selection.parquet)</h3>"
+            yield _table(["quantity", "value"], [[_h(DIAG_LABELS.get(k, k)), _h(_diag_value(k, v))] for k, v in dg["computed"].items()], numeric={1})
+            yield "</div>"
+        yield "</div>"
         if dg["computed"]:
-            add('<p class="muted">ε = Δ − b with b = log(1 + α‖g‖²); Δ ≤ b always holds in exact arithmetic '
+            yield ('<p class="muted">ε = Δ − b with b = log(1 + α‖g‖²); Δ ≤ b always holds in exact arithmetic '
                 "(the selected set only shrinks a candidate's gain). ρ is over the picks in order; "
                 "conflict is 0 for the first pick.</p>")
         if dg["engine"]:
-            add('<p class="muted">selection engine: ' + _h(", ".join(f"{k} {fmt(v)}" for k, v in dg["engine"].items())) + "</p>")
+            yield '<p class="muted">selection engine: ' + _h(", ".join(f"{k} {fmt(v)}" for k, v in dg["engine"].items())) + "</p>"
     else:
-        add(_not_run("select"))
-    return "".join(parts)
+        yield _not_run("select")
 
 
-def _html_examples(data: ReportData) -> str:
-    parts: list[str] = []
-    add = parts.append
+def _html_examples(data: ReportData) -> Iterator[str]:
     if data.examples:
         for title, key in (("Highest score (Δ − λc)", "top"), ("Lowest score among the selected", "bottom")):
             if not data.examples[key]:
                 continue
-            add(f"<h3>{_h(title)}</h3>")
+            yield f"<h3>{_h(title)}</h3>"
             for ex in data.examples[key]:
                 meta = (f"rank {ex['rank']} · score {fmt(ex['score'])} · gain {fmt(ex['gain'])} · "
                         f"conflict {fmt(ex['conflict'])} · source {ex['source'] or '—'} · {fmt(ex['n_tokens'])} tokens · "
@@ -509,21 +486,18 @@ def _html_examples(data: ReportData) -> str:
                     more = f' <span class="muted">({ex["turns"]} messages)</span>' if ex["turns"] > 2 else ""
                     body = (f'<div class="role">user{more}</div><div class="t">{_h(_truncate(ex["prompt"]))}</div>'
                             f'<div class="role">assistant</div><div class="t">{_h(_truncate(ex["response"]))}</div>')
-                add(f'<div class="ex"><div class="meta">{_h(meta)}</div>{body}</div>')
+                yield f'<div class="ex"><div class="meta">{_h(meta)}</div>{body}</div>'
     else:
-        add(_not_run("select"))
-    return "".join(parts)
+        yield _not_run("select")
 
 
-def _html_train(data: ReportData) -> str:
+def _html_train(data: ReportData) -> Iterator[str]:
     run = data.run
-    parts: list[str] = []
-    add = parts.append
     tr = data.train
     tres = run.stages["train"].result
     if tr or tres:
         if tr:
-            add(_img(data, "train_loss.png", "training loss"))
+            yield _img(data, "train_loss.png", "training loss")
         rows = []
         if tr:
             rows += [["steps", fmt(tr["steps"])], ["first loss", fmt(tr["first_loss"])],
@@ -533,25 +507,21 @@ def _html_train(data: ReportData) -> str:
             v = tres.get(k, tres.get("model_path") if k == "model" else None)
             if v is not None:
                 rows.append([k, _h(fmt(v))])
-        add(_table(["", "value"], rows, numeric={1}))
+        yield _table(["", "value"], rows, numeric={1})
         if not tr:
-            add('<p class="muted">train/metrics.jsonl not found or empty.</p>')
+            yield '<p class="muted">train/metrics.jsonl not found or empty.</p>'
     else:
-        add(_not_run("train"))
-    return "".join(parts)
+        yield _not_run("train")
 
 
-def _html_eval(data: ReportData) -> str:
-    parts: list[str] = []
-    add = parts.append
+def _html_eval(data: ReportData) -> Iterator[str]:
     if data.eval:
-        add(_table(["metric", "value"], [[f"<code>{_h(k)}</code>", _h(fmt(v))] for k, v in data.eval], numeric={1}))
+        yield _table(["metric", "value"], [[f"<code>{_h(k)}</code>", _h(fmt(v))] for k, v in data.eval], numeric={1})
     else:
-        add(_not_run("eval"))
-    return "".join(parts)
+        yield _not_run("eval")
 
 
-HTML_SECTIONS: list[tuple[str, str, str, Callable[[ReportData], str]]] = [  # anchor, nav title, heading, renderer
+HTML_SECTIONS: list[tuple[str, str, str, Callable[[ReportData], Iterator[str]]]] = [  # anchor, nav title, heading, renderer
     ("stages", "Stages", "Stages", _html_stages),
     ("quarantine", "Quarantine", "Quarantine", _html_quarantine),
     ("sources", "Source mix", "Source mix", _html_sources),
@@ -585,7 +555,7 @@ def render_html(data: ReportData) -> str:
 
     for anchor, _, heading, section in HTML_SECTIONS:
         add(f'<h2 id="{anchor}">{_h(heading)}</h2>')
-        add(section(data))
+        parts.extend(section(data))
 
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     add(f"<footer>Generated {now} by spice_ray.report from the artifacts under <code>{_h(run.where)}</code>.</footer>")

@@ -90,8 +90,8 @@ class PickCheckpoint:
     def clear(self) -> None:
         """Remove the checkpoint and its directory (after the selection's outputs are safely written)."""
         self.store.delete(CHECKPOINT_FILE)
-        if self.store.is_local:
-            with contextlib.suppress(OSError):
-                os.rmdir(self.store.path())  # only when nothing else is in it
-        else:
-            self.store.fs.delete_dir(self.store.path())
+        if not self.store.is_local:
+            self.store.delete("")  # the prefix: an object store has no directory to leave behind
+            return
+        with contextlib.suppress(OSError):
+            os.rmdir(self.store.path())  # only when nothing else is in it

@@ -91,13 +91,11 @@ def padding_fraction(lengths: list[int], batches: list[list[int]]) -> float:
 def prepare_parameters(model: nn.Module, model_cfg: ModelConfig, sketch_cfg: SketchConfig) -> nn.Module:
     """Make the parameters to sketch trainable: LoRA adapters (``sketch.parameters = "lora"``) or the
     full weights of the ``model.proxy_lora.target_modules`` linear layers ("weights")."""
-    lora = model_cfg.proxy_lora
     if sketch_cfg.parameters == "lora":
-        return add_lora(model, r=lora.r, alpha=lora.alpha, target_modules=lora.target_modules, dropout=lora.dropout,
-                        seed=model_cfg.init_seed)
+        return add_lora(model, **model_cfg.proxy_lora.model_dump(), seed=model_cfg.init_seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    targets = set(lora.target_modules)
+    targets = set(model_cfg.proxy_lora.target_modules)
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
             module.weight.requires_grad_(True)

@@ -265,9 +265,7 @@ def _build_model(mcfg: ModelConfig, tcfg: TrainConfig, model_path: str, dtype: s
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         model.config.use_cache = False
     if tcfg.lora:
-        lora = mcfg.target_lora
-        model = add_lora(model, r=lora.r, alpha=lora.alpha, target_modules=list(lora.target_modules), dropout=lora.dropout,
-                         seed=mcfg.init_seed)
+        model = add_lora(model, **mcfg.target_lora.model_dump(), seed=mcfg.init_seed)
     return model
 
 
