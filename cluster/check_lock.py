@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""Check that the running Python environment is exactly cluster/requirements.lock.
+"""Check that the running Python environment is exactly a lock file.
 
     python cluster/check_lock.py [--require-cuda] [LOCK]
 
-Every `name==version` line must be installed at that version (a local label such as +cu128 is
-ignored, as pip does). --require-cuda also requires torch to be a CUDA build. The image build runs it
+LOCK is cluster/requirements.lock (the image: `name==version` lines) by default, or
+requirements.lock (the virtualenv: uv's format, with `--hash` continuation lines). Every pinned
+package must be installed at that version (a local label such as +cu128 or +cpu is ignored, as pip
+does). --require-cuda also requires torch to be a CUDA build. The image build runs it
 (cluster/Dockerfile) after installing the lock, so an image that drifts from the lock does not build.
 Exit 0 when it matches, 1 with one line per mismatch otherwise.
 """
@@ -20,8 +22,8 @@ from pathlib import Path
 def read_lock(path: Path) -> dict[str, str]:
     pins: dict[str, str] = {}
     for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
+        line = raw.split("#", 1)[0].strip().removesuffix("\\").strip()
+        if not line or line.startswith("--hash="):
             continue
         name, sep, version = line.partition("==")
         if not sep or not version or any(c in version for c in "<>=!~*,; "):
@@ -38,7 +40,7 @@ def mismatches(pins: dict[str, str]) -> list[str]:
         except md.PackageNotFoundError:
             out.append(f"{name}: locked {version}, not installed")
             continue
-        if installed.split("+", 1)[0] != version:
+        if installed.split("+", 1)[0] != version.split("+", 1)[0]:
             out.append(f"{name}: locked {version}, installed {installed}")
     return out
 
