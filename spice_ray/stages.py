@@ -120,8 +120,20 @@ def run_ingest(ctx: StageContext) -> dict[str, Any]:
         "reasons": result.reasons,
         "sources": result.sources,
         "files": result.files,
+        "max_tokens": result.max_tokens,  # corpus.max_tokens capped to the model's context
     }
     return out | split_holdout(ctx.cfg, ctx.dirs)
+
+
+def within_context(ctx: StageContext) -> Config:
+    """The config downstream of ingest: ``corpus.max_tokens`` as ingest applied it (capped to the
+    model's context), so no stage encodes a row longer than the model can read."""
+    applied = ctx.upstream.get("ingest", {}).get("max_tokens")
+    if applied is None or applied >= ctx.cfg.corpus.max_tokens:
+        return ctx.cfg
+    cfg = ctx.cfg.model_copy(deep=True)
+    cfg.corpus.max_tokens = applied
+    return cfg
 
 
 HOLDOUT = "holdout"
@@ -169,7 +181,7 @@ def run_sketch(ctx: StageContext) -> dict[str, Any]:
 
     models = ctx.upstream["models"]
     counts = run_sketch_stage(
-        ctx.cfg,
+        within_context(ctx),
         ctx.executor,
         records_path=ctx.upstream["ingest"]["records"],
         model_path=models["proxy"],
@@ -199,15 +211,16 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
     from spice_ray.train import run_train_stage
 
     models = ctx.upstream["models"]
+    cfg = within_context(ctx)
     return run_train_stage(
-        ctx.cfg,
+        cfg,
         ctx.executor,
         records_path=ctx.upstream["ingest"]["records"],
         selection_path=ctx.upstream["select"]["selection"],
         model_path=models["target"],
         tokenizer_path=models["tokenizer"],
         out_dir=ctx.dirs.uri,
-        max_tokens=ctx.cfg.corpus.max_tokens,
+        max_tokens=cfg.corpus.max_tokens,
     )
 
 
@@ -219,7 +232,7 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
 
     models = ctx.upstream["models"]
     return {"results_file": f"{ctx.dirs.uri}/{RESULTS_FILE}"} | run_eval_stage(
-        ctx.cfg,
+        within_context(ctx),
         ctx.executor,
         out_dir=str(ctx.dirs.local),
         base_model=models["target"],

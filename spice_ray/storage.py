@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pyarrow.fs as pafs
 
@@ -27,23 +28,35 @@ def is_remote(uri: str) -> bool:
 
 
 S3_CONNECT_TIMEOUT_S = 5.0  # an unreachable endpoint fails in seconds, not minutes
-S3_REQUEST_TIMEOUT_S = 60.0
+# A request that receives no byte for this long fails (on Linux curl's low-speed limit: an idle
+# connection, not a slow transfer). A request that times out is sent twice per attempt (6 connections
+# for 3 attempts, as measured with pyarrow 26), so an endpoint that accepts connections and never
+# answers fails after about 2 × 3 × 8 s = 48 s (50 s measured; 365 s with the former 60 s).
+S3_REQUEST_TIMEOUT_S = 8.0
 S3_ATTEMPTS = 3
 
 
 def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the path inside it for a local path or a remote URI. S3 gets a
-    connect timeout of seconds and a bounded number of attempts (unless the URI's query sets its own
-    options)."""
+    """The pyarrow filesystem and the path inside it for a local path or a remote URI. S3 gets
+    connect and request timeouts of seconds and a bounded number of attempts (unless the URI's query
+    sets its own options)."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
     fs, path = pafs.FileSystem.from_uri(uri)
     if isinstance(fs, pafs.S3FileSystem) and "?" not in uri:
-        fs = pafs.S3FileSystem(
-            region=fs.region, connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
-            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **_s3_endpoint(),
-        )
+        fs = pafs.S3FileSystem(region=fs.region, **s3_options())
     return fs, path
+
+
+def s3_options() -> dict[str, Any]:
+    """The :class:`pyarrow.fs.S3FileSystem` keywords every S3 root and input gets: timeouts, attempts
+    and the endpoint from the environment."""
+    return {
+        "connect_timeout": S3_CONNECT_TIMEOUT_S,
+        "request_timeout": S3_REQUEST_TIMEOUT_S,
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS),
+        **_s3_endpoint(),
+    }
 
 
 def _s3_endpoint() -> dict[str, str]:
@@ -60,6 +73,21 @@ def _s3_endpoint() -> dict[str, str]:
 
 class StorageError(RuntimeError):
     """A run root or input location that cannot be reached or used (one line, fit to show a user)."""
+
+
+_TIMED_OUT = ("curlCode: 28", "Timeout was reached", "timed out")
+
+
+def _no_answer(detail: str) -> str:
+    """A plain-words prefix for an S3 error that is a timeout (an endpoint that accepts connections
+    and never answers), naming the endpoint and the limits; empty for any other error."""
+    if not any(mark in detail for mark in _TIMED_OUT):
+        return ""
+    endpoint = _s3_endpoint()
+    where = f"{endpoint['scheme']}://{endpoint['endpoint_override']}" if endpoint else "the S3 endpoint"
+    attempts = f"{S3_ATTEMPTS} attempt{'s' if S3_ATTEMPTS != 1 else ''}"
+    return (f"no answer from {redact_uri(where)} within {S3_REQUEST_TIMEOUT_S:g} s "
+            f"({attempts}; check AWS_ENDPOINT_URL and that the server is up): ")
 
 
 def redact_uri(uri: str) -> str:
@@ -94,8 +122,9 @@ class Store:
                 raise NotADirectoryError(f"{self.base} is a file")
             self.fs.create_dir(self.base, recursive=True)
         except (OSError, ValueError) as e:
-            detail = " ".join(str(e).split())[:300]
-            raise StorageError(f"run root {redact_uri(self.root)} cannot be used: {detail}") from None
+            detail = " ".join(str(e).split())
+            hint = _no_answer(detail) if isinstance(getattr(self, "fs", None), pafs.S3FileSystem) else ""
+            raise StorageError(f"run root {redact_uri(self.root)} cannot be used: {hint}{detail[:300]}") from None
 
     @property
     def is_local(self) -> bool:

@@ -23,6 +23,9 @@ order (a folder's files sorted by their relative name):
   - an object without row fields and exactly one array of objects: that array holds the rows, the
     other keys are metadata and ignored (``{"version": 1, "data": [...]}``, pandas
     ``orient="table"``);
+  - an object without row fields whose values are mostly objects (at least two, more than half of
+    its members): a dict of rows with extra entries (``{"0": {...}, ..., "version": "1"}``); every
+    object is a row, every other entry one ``not_object`` row naming its key;
   - any other object is one row; a scalar is one ``not_object`` row (``line`` 0).
 
   Content after the top-level value is one ``invalid_json`` row. A ``.json`` file whose first line
@@ -47,7 +50,9 @@ named inputs (for a pattern, its literal leading folder); a link pointing outsid
 be read by rows: ``binary_file`` when its start looks binary (NUL or mostly undecodable bytes), no
 row in it parses and at least half its bytes are in rows that are not text; ``unreadable_file``
 when it cannot be opened or fails while being read (a file removed during ingest, a corrupt gzip or
-Parquet stream; the rows read before the failure stay); and the two reasons above.
+Parquet stream, a 0-byte Parquet, ``.gz`` or ``.zst`` file — a failed upload, logged as a warning
+too; the rows read before the failure stay); and the two reasons above. A 0-byte ``.jsonl`` or
+``.json`` file is an empty file: no rows.
 
 Every row read is either kept or quarantined by itself, never dropped (``n_in == n_kept +
 n_quarantined``); any exception the JSON parser raises on a row (a 5,000-digit integer, nesting too
@@ -58,7 +63,10 @@ represent), ``not_object``, every :class:`~spice_ray.corpus.formats.RowError` re
 ``template_error`` (the chat template refused the chat), ``too_long`` (more than ``max_tokens``
 tokens — with ``corpus.too_long=truncate`` only when no response token is left within
 ``max_tokens``, else the row is kept and later cut to ``max_tokens`` — or a row over
-``MAX_ROW_BYTES`` bytes, rejected before it is parsed; such a line is never held in memory whole),
+``MAX_ROW_BYTES`` bytes, rejected before it is parsed; such a line is never held in memory whole;
+``max_tokens`` here is ``corpus.max_tokens`` capped to the model's context, read from the
+``config.json`` beside the tokenizer — ``max_position_embeddings`` — or the tokenizer's
+``model_max_length``, with a one-line warning when it caps; ``IngestResult.max_tokens`` holds it),
 ``duplicate`` (same uid as an already kept row; ``detail`` names that row's
 ``file:line``) and ``duplicate_id`` (the same explicit record ``id`` as an already kept row but other
 content; ``detail`` names that row's ``file:line``). Quarantine rows appear in the order decisions are
@@ -117,7 +125,9 @@ from spice_ray.corpus.formats import ROW_FIELDS, RowError, canonical_json, norma
 from spice_ray.corpus.tokenize import (
     EncodeError,
     count_text_tokens,
+    effective_max_tokens,
     encode,
+    model_context,
     render_text,
 )
 from spice_ray.storage import ensure_local, is_remote
@@ -177,6 +187,7 @@ class IngestResult:
     n_kept: int
     n_quarantined: int
     n_truncated: int
+    max_tokens: int  # the limit applied: corpus.max_tokens capped to the model context
     reasons: dict[str, int]
     sources: dict[str, int]
     files: list[dict[str, Any]]
@@ -578,12 +589,30 @@ def _layout(data: bytes, members: list[_Member]) -> str:
     first = _skip_space(data, lists[0].start + 1) if lists else len(data)
     if not fields and len(lists) == 1 and first < len(data) and data[first] in b"{]":
         return "wrapper"
+    objects = sum(1 for c in kinds.values() if c == ord("{"))
+    if not fields and objects >= 2 and 2 * objects > len(members):
+        return "rows"  # a dict of rows with a few extra (metadata) entries, each quarantined
     return "row"
 
 
 def _bad_member(line: int, data: bytes, m: _Member) -> _Item:
     return _Item(line, raw=_preview(data[m.start : m.start + PREVIEW_BYTES]), raw_bytes=m.end - m.start,
                  reason="invalid_json", detail='not a "key": value member')
+
+
+_JSON_TYPES = {str: "a string", int: "a number", float: "a number", bool: "a boolean", list: "an array",
+               type(None): "null"}
+
+
+def _dict_row(line: int, data: bytes, m: _Member, limit: int) -> _Item:
+    """The row under key ``m.key`` of a dict of rows; an entry that is not an object (a ``"version"``
+    beside the rows) is one ``not_object`` row naming its key."""
+    item = _element(line, data, m.start, m.end, limit)
+    if item.reason is None and not isinstance(item.value, dict):
+        what = _JSON_TYPES.get(type(item.value), type(item.value).__name__)
+        item.reason = "not_object"
+        item.detail = f"entry {_utf8_safe(str(m.key))[:80]!r} of a dict of rows is {what}, not a row"
+    return item
 
 
 def _column_items(data: bytes, members: list[_Member], limit: int) -> Iterator[_Item]:
@@ -652,7 +681,7 @@ def _object_items(data: bytes, pos: int, limit: int) -> Generator[_Item, None, t
         yield _element(1, data, pos, end, limit)
     elif layout == "rows":
         for n, m in enumerate(members, 1):
-            yield _element(n, data, m.start, m.end, limit) if m.key is not None else _bad_member(n, data, m)
+            yield _dict_row(n, data, m, limit) if m.key is not None else _bad_member(n, data, m)
     elif layout == "wrapper":
         rows = next(m for m in members if m.key is not None and data[m.start] == ord("["))
         logger.debug("reading the rows of key %r (other keys ignored)", rows.key)
@@ -747,8 +776,6 @@ def _parquet_item(line: int, value: Any, limit: int) -> _Item:
 def _read_parquet(path: Path, info: _FileInfo, max_row_bytes: int | None = None) -> Iterator[_Item]:
     limit = _limit(max_row_bytes)
     info.sha256 = _sha256(path)
-    if info.bytes == 0:
-        return
     line = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
         for value in _batch_values(batch):
@@ -810,13 +837,28 @@ def _guarded(path: Path, info: _FileInfo, items: Iterator[_Item]) -> Iterator[_I
                     detail=f"{type(e).__name__}{where}: {e}"[:500])
 
 
+_KIND_NAMES = {".parquet": "Parquet", ".gz": "gzip", ".zst": "zstd"}
+
+
+def _empty_file(path: Path, info: _FileInfo, kind: str) -> _Item:
+    """The one ``unreadable_file`` row of a 0-byte file of a format that is never empty (Parquet,
+    gzip, zstd): an interrupted or failed upload, not an empty corpus."""
+    info.sha256 = _sha256(path)
+    detail = f"empty file (0 bytes): not a valid {kind} file (an interrupted or failed upload?)"
+    logger.warning("quarantining %s: %s", _shown(info.path), detail)
+    return _Item(0, raw="", raw_bytes=0, reason="unreadable_file", detail=detail)
+
+
 def _read_items(path: Path, info: _FileInfo) -> Iterator[_Item]:
     """Every row of one collected file (a flagged path is one whole-file row, never opened)."""
     if isinstance(path, _Flagged):
         yield _Item(0, raw="", raw_bytes=0, reason=path.reason, detail=path.detail)
         return
-    fmt = _split_suffix(_suffix(path) or path.suffix.lower())[0]
+    fmt, compression = _split_suffix(_suffix(path) or path.suffix.lower())
     reader = _READERS[fmt]
+    if info.bytes == 0 and (fmt == ".parquet" or compression is not None):
+        yield _empty_file(path, info, _KIND_NAMES[compression or fmt])
+        return
     if fmt == ".parquet":
         yield from _guarded(path, info, reader(path, info))
     else:
@@ -1125,6 +1167,7 @@ class _Ingest:
     def __init__(self, cfg: CorpusConfig, tokenizer: Any, records: _AtomicParquet, quarantine: _AtomicParquet):
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.max_tokens = effective_max_tokens(cfg.max_tokens, model_context(tokenizer))
         self.records = records
         self.quarantine_out = quarantine
         self.files: list[_FileInfo] = []
@@ -1181,9 +1224,15 @@ class _Ingest:
         if self.cfg.too_long != "truncate":
             return False
         try:
-            return encode(self.tokenizer, p.messages, max_tokens=self.cfg.max_tokens, loss_on="response").n_loss_tokens > 0
+            return encode(self.tokenizer, p.messages, max_tokens=self.max_tokens, loss_on="response").n_loss_tokens > 0
         except EncodeError:
             return False
+
+    def _too_long(self, n_tokens: int) -> str:
+        if self.max_tokens == self.cfg.max_tokens:
+            return f"{n_tokens} tokens > max_tokens {self.max_tokens}"
+        capped = f"corpus.max_tokens {self.cfg.max_tokens} capped"
+        return f"{n_tokens} tokens > {self.max_tokens}, the model context ({capped})"
 
     def flush(self) -> None:
         """Count tokens of the pending rows in one call; keep (truncated when ``too_long=truncate``), or
@@ -1192,11 +1241,11 @@ class _Ingest:
             return
         counts = count_text_tokens(self.tokenizer, [p.text for p in self.pending])
         for p, n_tokens in zip(self.pending, counts):
-            if n_tokens > self.cfg.max_tokens:
+            if n_tokens > self.max_tokens:
                 if not self._truncates(p):
-                    self.quarantine(p.file_index, p.item, "too_long", f"{n_tokens} tokens > max_tokens {self.cfg.max_tokens}", p.source)
+                    self.quarantine(p.file_index, p.item, "too_long", self._too_long(n_tokens), p.source)
                     continue
-                n_tokens = self.cfg.max_tokens
+                n_tokens = self.max_tokens
                 self.n_truncated += 1
             key = bytes.fromhex(p.uid)
             first = self.kept_at.get(key)
@@ -1276,6 +1325,7 @@ def ingest(
         n_kept=n_kept,
         n_quarantined=n_quarantined,
         n_truncated=run.n_truncated,
+        max_tokens=run.max_tokens,
         reasons=dict(sorted(run.reasons.items())),
         sources=dict(sorted(run.sources.items())),
         files=[asdict(f) for f in run.files],

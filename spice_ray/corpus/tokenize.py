@@ -23,9 +23,11 @@ tokenizer's offset mapping, so ``encode`` needs a fast tokenizer; ``count_tokens
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -252,6 +254,70 @@ def count_text_tokens(tokenizer: Any, texts: Sequence[str]) -> list[int]:
         return [len(e.ids) for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
     enc = tokenizer(list(texts), add_special_tokens=False, return_attention_mask=False)
     return [len(ids) for ids in enc["input_ids"]]
+
+
+# config.json keys that hold a causal LM's context length (positions), in order of preference.
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# Hugging Face sets model_max_length to int(1e30) when a tokenizer does not know its model's context.
+_UNKNOWN_LENGTH = 10**9
+
+
+@dataclass(frozen=True)
+class ModelContext:
+    """How many token positions the model has (``positions``) and where that was read (``source``)."""
+
+    positions: int
+    source: str
+
+
+def _config_context(config: dict[str, Any]) -> tuple[str, int] | None:
+    """``(key, positions)`` of the first ``CONTEXT_KEYS`` entry of a model config (or its
+    ``text_config``) that holds a positive integer."""
+    for section in (config, config.get("text_config")):
+        if not isinstance(section, dict):
+            continue
+        for key in CONTEXT_KEYS:
+            value = section.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return key, value
+    return None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        logger.warning("cannot read the model context from %s: %s", path, e)
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def model_context(tokenizer: Any) -> ModelContext | None:
+    """The context length of the model ``tokenizer`` belongs to: ``max_position_embeddings`` (or
+    the like, see ``CONTEXT_KEYS``) of the ``config.json`` beside the tokenizer's files, else the
+    tokenizer's own ``model_max_length`` when it sets one; None when neither says."""
+    folder = str(getattr(tokenizer, "name_or_path", "") or "")
+    config = Path(folder) / "config.json"
+    if folder and config.is_file():
+        found = _config_context(_read_config(config))
+        if found is not None:
+            return ModelContext(found[1], f"{found[0]} in {config}")
+    length = getattr(tokenizer, "model_max_length", None)
+    if isinstance(length, int) and 0 < length < _UNKNOWN_LENGTH:
+        return ModelContext(length, "the tokenizer's model_max_length")
+    return None
+
+
+def effective_max_tokens(max_tokens: int, context: ModelContext | None) -> int:
+    """``min(max_tokens, context.positions)``: no row is kept longer than the model can read; a
+    one-line warning when the model's context caps ``max_tokens``."""
+    if context is None or context.positions >= max_tokens:
+        return max_tokens
+    logger.warning(
+        "corpus.max_tokens=%d is over the model context (%d positions, %s): capped to %d tokens",
+        max_tokens, context.positions, context.source, context.positions,
+    )
+    return context.positions
 
 
 def count_tokens(tokenizer: Any, messages: Messages) -> int:

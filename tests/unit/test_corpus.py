@@ -505,3 +505,35 @@ def test_ingest_demo_when_no_inputs(chatml_tok, tmp_path):
     assert set(result.reasons) <= {"duplicate"}
     assert "noisy" in result.sources or result.n_kept < 120
     assert all(Path(f["path"]).parent == tmp_path / "demo_corpus" for f in result.files)
+
+
+def test_model_context_from_config_or_tokenizer(tmp_path, caplog):
+    """The model's context: max_position_embeddings (or n_positions, …, or a text_config's) of the
+    config.json beside the tokenizer, else the tokenizer's model_max_length unless it is Hugging
+    Face's "unknown" sentinel; max_tokens is capped to it with one warning line."""
+    from types import SimpleNamespace
+
+    from spice_ray.corpus.tokenize import ModelContext, effective_max_tokens, model_context
+
+    def tok(config: dict | None, model_max_length: int = int(1e30)) -> SimpleNamespace:
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        if config is not None:
+            (folder / "config.json").write_text(json.dumps(config))
+        return SimpleNamespace(name_or_path=str(folder), model_max_length=model_max_length)
+
+    assert model_context(tok({"max_position_embeddings": 2048})).positions == 2048
+    assert model_context(tok({"n_positions": 1024, "n_ctx": 512})).positions == 1024
+    assert model_context(tok({"text_config": {"max_position_embeddings": 4096}})).positions == 4096
+    assert model_context(tok({"max_position_embeddings": 2048}, 512)).positions == 2048  # the model's own
+    assert model_context(tok(None, 512)) == ModelContext(512, "the tokenizer's model_max_length")
+    assert model_context(tok({"hidden_size": 8})) is None and model_context(tok(None)) is None
+    assert "max_position_embeddings in" in model_context(tok({"max_position_embeddings": 8})).source
+
+    with caplog.at_level("WARNING"):
+        assert effective_max_tokens(1024, ModelContext(2048, "x")) == 1024
+        assert effective_max_tokens(1024, None) == 1024
+        assert not caplog.records
+        assert effective_max_tokens(100_000, ModelContext(2048, "max_position_embeddings in m/config.json")) == 2048
+    [warning] = caplog.records
+    assert "corpus.max_tokens=100000" in warning.getMessage() and "capped to 2048" in warning.getMessage()

@@ -494,3 +494,111 @@ def test_too_long_rows_kept_truncated_when_asked(tmp_path):
     assert max(n_tokens) == 64
     strict = ingest(CorpusConfig(paths=[str(path)], max_tokens=64), tok, tmp_path / "q")
     assert (strict.n_kept, strict.reasons) == (1, {"too_long": 2})
+
+
+def _quarantine_of(result) -> list[dict]:
+    return pq.read_table(result.quarantine_path).to_pylist()
+
+
+@pytest.mark.parametrize("extra_first", [False, True])
+def test_dict_of_rows_with_a_metadata_entry(extra_first, tok, tmp_path):
+    """{"0": row, ..., "29": row, "version": "1"}: the 30 rows are kept, the extra entry is one
+    not_object row that names its key (it used to take the 30 rows along as one missing_field row)."""
+    rows = {str(i): row(i) for i in range(30)}
+    document = {"version": "1", **rows} if extra_first else {**rows, "version": "1"}
+    (tmp_path / "d.json").write_text(json.dumps(document, indent=1))
+    result, bad, kept = run(tok, tmp_path / "out", tmp_path / "d.json")
+    version_line = 1 if extra_first else 31
+    assert bad == {("d.json", version_line): "not_object"}
+    assert kept == {("d.json", i) for i in range(1, 32) if i != version_line}
+    assert sorted(r["messages"][1]["content"] for r in rows_of(result)) == sorted(f"answer {i}" for i in range(30))
+    [q] = _quarantine_of(result)
+    assert "'version'" in q["detail"] and q["raw"] == '"1"'
+
+
+def test_dict_of_rows_with_several_extra_entries(tok, tmp_path):
+    """Extra entries of any JSON type beside a dict of rows (the rows the majority): each one
+    quarantined by itself."""
+    document = {"a": row(0), "b": row(1), "n": 3, "c": row(2), "tags": ["x"], "d": row(3), "note": None}
+    (tmp_path / "d.json").write_text(json.dumps(document))
+    _, bad, kept = run(tok, tmp_path / "out", tmp_path / "d.json")
+    assert bad == {("d.json", 3): "not_object", ("d.json", 5): "not_object", ("d.json", 7): "not_object"}
+    assert kept == {("d.json", 1), ("d.json", 2), ("d.json", 4), ("d.json", 6)}
+
+
+def test_zero_byte_parquet_is_quarantined_with_a_warning(tok, tmp_path, caplog):
+    """A 0-byte .parquet (or .jsonl.gz) is a failed upload: one unreadable_file row and a warning,
+    never silently accepted as an empty file; an empty .jsonl stays an empty file (no rows)."""
+    (tmp_path / "upload.parquet").write_bytes(b"")
+    (tmp_path / "upload.jsonl.gz").write_bytes(b"")
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "good.jsonl").write_bytes(line(row(1)) + b"\n")
+    with caplog.at_level("WARNING", logger="spice_ray.corpus.ingest"):
+        result, bad, kept = run(tok, tmp_path / "out", tmp_path)
+    assert bad == {("upload.parquet", 0): "unreadable_file", ("upload.jsonl.gz", 0): "unreadable_file"}
+    assert kept == {("good.jsonl", 1)}
+    details = {Path(q["file"]).name: q["detail"] for q in _quarantine_of(result)}
+    assert "0 bytes" in details["upload.parquet"] and "Parquet" in details["upload.parquet"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("upload.parquet" in m and "0 bytes" in m for m in warned), warned
+    files = {Path(f["path"]).name: f for f in result.files}
+    assert files["upload.parquet"]["quarantined"] == 1 and files["empty.jsonl"]["rows"] == 0
+    assert files["upload.parquet"]["sha256"]  # the sha256 of an empty file, still recorded
+
+
+def _long_row(tok, n_words: int) -> tuple[dict, int]:
+    from spice_ray.corpus import count_tokens, normalize_row
+
+    value = {"instruction": "Summarise.", "output": " ".join(f"w{i % 997}" for i in range(n_words))}
+    return value, count_tokens(tok, normalize_row(value))
+
+
+def test_max_tokens_is_capped_to_the_model_context(tok, tmp_path, caplog):
+    """corpus.max_tokens=100000 with a model of 2,048 positions (max_position_embeddings in its
+    config.json): the limit is 2,048, said in one warning line; an 11,000-token row is too_long."""
+    value, n_tokens = _long_row(tok, 4000)
+    assert n_tokens > 10_000  # the 11,000-token row of the issue
+    (tmp_path / "c.jsonl").write_bytes(line(value) + b"\n" + line(row(1)) + b"\n")
+    with caplog.at_level("WARNING"):
+        result, bad, kept = run(tok, tmp_path / "out", tmp_path / "c.jsonl", max_tokens=100_000)
+    assert bad == {("c.jsonl", 1): "too_long"} and kept == {("c.jsonl", 2)}
+    assert result.max_tokens == 2048
+    [q] = _quarantine_of(result)
+    assert f"{n_tokens} tokens > 2048" in q["detail"] and "100000" in q["detail"]
+    capped = [r.getMessage() for r in caplog.records if "capped" in r.getMessage()]
+    assert len(capped) == 1 and "\n" not in capped[0]
+    assert "100000" in capped[0] and "2048" in capped[0] and "max_position_embeddings" in capped[0]
+
+
+def test_max_tokens_capped_rows_truncated_when_asked(tok, tmp_path):
+    """corpus.too_long=truncate with the capped limit: the long row is kept, cut to the context."""
+    value, n_tokens = _long_row(tok, 4000)
+    (tmp_path / "c.jsonl").write_bytes(line(value) + b"\n")
+    cfg = CorpusConfig(max_tokens=100_000, too_long="truncate")
+    result = ingest(cfg, tok, tmp_path / "out", inputs=[str(tmp_path / "c.jsonl")])
+    assert (result.n_kept, result.n_truncated, result.max_tokens) == (1, 1, 2048)
+    assert rows_of(result)[0]["n_tokens"] == 2048 < n_tokens
+
+
+def test_max_tokens_under_the_model_context_is_left_alone(tok, tmp_path, caplog):
+    (tmp_path / "c.jsonl").write_bytes(line(row(1)) + b"\n")
+    with caplog.at_level("WARNING"):
+        result, bad, _ = run(tok, tmp_path / "out", tmp_path / "c.jsonl", max_tokens=1024)
+    assert result.max_tokens == 1024 and bad == {}
+    assert not [r for r in caplog.records if "capped" in r.getMessage()]
+
+
+def test_stages_after_ingest_encode_within_the_capped_limit():
+    """Sketch, train and eval see corpus.max_tokens as ingest applied it (capped to the context)."""
+    from spice_ray.config import Config
+    from spice_ray.stages import StageContext, within_context
+
+    cfg = Config.model_validate({"corpus": {"max_tokens": 100_000, "too_long": "truncate"}})
+
+    def ctx(upstream):
+        return StageContext(cfg=cfg, executor=None, dirs=None, upstream=upstream, root_uri="")
+
+    assert within_context(ctx({"ingest": {"max_tokens": 2048}})).corpus.max_tokens == 2048
+    assert cfg.corpus.max_tokens == 100_000, "the run's config is not changed"
+    assert within_context(ctx({"ingest": {"records": "r"}})) is cfg  # an ingest written before the cap
+    assert within_context(ctx({"ingest": {"max_tokens": 100_000}})) is cfg

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from spice_ray.config import load_config, redact
@@ -98,3 +100,57 @@ def test_an_unreachable_s3_endpoint_fails_in_seconds_with_one_line(monkeypatch):
     with pytest.raises(StorageError, match="run root s3://bucket/root cannot be used") as err:
         Store("s3://bucket/root")
     assert time.time() - t0 < 30 and "\n" not in str(err.value)
+
+
+def _s3_env(monkeypatch, port: int) -> None:
+    for name, value in {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k",
+                        "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_s3_roots_get_connect_and_request_timeouts(monkeypatch):
+    """Every S3 filesystem gets the connect and request (no-answer) timeouts; an endpoint that accepts
+    connections and never answers costs 2 tries × attempts × request timeout (the SDK resends a
+    request that timed out once per attempt): the limits keep that within a minute."""
+    from spice_ray import storage
+
+    _s3_env(monkeypatch, 9)
+    fs, path = storage.resolve_filesystem("s3://bucket/root")
+    options = fs.__reduce__()[1][0]  # the keywords pyarrow rebuilds the filesystem from
+    assert path == "bucket/root" and options["endpoint_override"] == "127.0.0.1:9"
+    assert options["connect_timeout"] == storage.S3_CONNECT_TIMEOUT_S
+    assert options["request_timeout"] == storage.S3_REQUEST_TIMEOUT_S
+    assert 2 * storage.S3_ATTEMPTS * storage.S3_REQUEST_TIMEOUT_S <= 60
+
+
+def test_a_silent_s3_endpoint_fails_with_one_line_naming_it(monkeypatch):
+    """An endpoint that accepts TCP and never answers (a blackhole): a StorageError of one line that
+    says nothing answered, names the endpoint and the limits (short limits here, to keep it quick)."""
+    import socket
+    import threading
+
+    from spice_ray import storage
+    from spice_ray.storage import StorageError
+
+    held: list[socket.socket] = []
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        port = server.getsockname()[1]
+
+        def accept_and_stay_silent() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    held.append(server.accept()[0])  # never read, never answered
+
+        threading.Thread(target=accept_and_stay_silent, daemon=True).start()
+        _s3_env(monkeypatch, port)
+        monkeypatch.setattr(storage, "S3_REQUEST_TIMEOUT_S", 1.0)
+        monkeypatch.setattr(storage, "S3_ATTEMPTS", 1)
+        with pytest.raises(StorageError, match="run root s3://bucket/root cannot be used") as err:
+            Store("s3://bucket/root")
+    for conn in held:
+        conn.close()
+    message = str(err.value)
+    assert held and "\n" not in message
+    assert f"no answer from http://127.0.0.1:{port} within 1 s (1 attempt;" in message
