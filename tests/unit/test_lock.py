@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import re
 import sys
+import sysconfig
 import tomllib
 import types
 from pathlib import Path
@@ -160,7 +161,10 @@ def test_the_virtualenv_is_exactly_the_lock():
     if not (Path(sys.prefix) / ".installed").exists():
         pytest.skip(f"{sys.prefix} is not a virtualenv made by make venv")
     assert check_lock.mismatches(check_lock.read_lock(VENV_LOCK)) == []
-    installed = {_canon(d.metadata["Name"]) for d in importlib.metadata.distributions()}
+    # The virtualenv's own site-packages (not sys.path: once ray is imported it holds ray's vendored
+    # thirdparty_files, colorama among them, which no installer put there).
+    site = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    installed = {_canon(d.metadata["Name"]) for d in importlib.metadata.distributions(path=sorted(site))}
     assert installed - set(VENV) == {"spice-ray"}, f"installed but not locked: {sorted(installed - set(VENV) - {'spice-ray'})}"
 
 
