@@ -53,6 +53,7 @@ class Arm(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Arm name (a directory name).")
     select: dict[str, Any] = Field(default_factory=dict, description="select.* settings of this arm.")
     fraction: float | None = Field(None, gt=0, le=1, description="This arm's budget (e.g. 1.0 for full data); None: bench.fractions.")
+    seeds: list[int] | None = Field(None, min_length=1, description="This arm's seeds (e.g. one for the full-data arm); None: bench.seeds.")
 
 
 class BenchSection(_Section):
@@ -85,7 +86,7 @@ def _digest(value: Any) -> str:
 
 def _cells(bench: BenchSection) -> list[tuple[Arm, float, int]]:
     return [(arm, fraction, seed) for arm in bench.arms for fraction in ([arm.fraction] if arm.fraction else bench.fractions)
-            for seed in bench.seeds]
+            for seed in arm.seeds or bench.seeds]
 
 
 def _budget_name(fraction: float) -> str:
@@ -139,7 +140,8 @@ class Bench:
         from spice_ray.pipeline import run_pipeline
 
         self.cfg, self.bench, self.executor = cfg, bench, executor
-        outcomes = run_pipeline(cfg, stages=["ingest", "sketch"], executor=executor)
+        # an inner call: the root's status.json and latest.json stay the user's last run's
+        outcomes = run_pipeline(cfg, stages=["ingest", "sketch"], executor=executor, record=False)
         self.models = outcomes["models"].result
         self.ingest, self.sketch = outcomes["ingest"].result, outcomes["sketch"].result
         if not self.ingest.get("holdout"):
@@ -245,7 +247,7 @@ def summarize(cells: list[dict[str, Any]], base: dict[str, Any], bench: BenchSec
         rows[split] = []
         for arm in bench.arms:
             for fraction in [arm.fraction] if arm.fraction else bench.fractions:
-                mine = [by[(arm.name, fraction, s)] for s in bench.seeds if (arm.name, fraction, s) in by]
+                mine = [by[(arm.name, fraction, s)] for s in arm.seeds or bench.seeds if (arm.name, fraction, s) in by]
                 if not mine:
                     continue
                 losses = [c["eval"][split]["overall"]["loss"] for c in mine]
@@ -295,20 +297,77 @@ def _per_source(cells: list[dict[str, Any]], base: dict[str, Any], bench: BenchS
     return out
 
 
+def table_rows(summary: dict[str, Any], bench: BenchSection, split: str) -> tuple[list[str], list[list[str]]]:
+    """The comparison of one split as column names and rows of formatted cells (the Markdown table of
+    ``results.md`` and the terminal's table show the same cells)."""
+    columns = ["arm", "budget", f"loss (mean ± sd, {len(bench.seeds)} seeds)", f"Δ vs {bench.baseline} (95% CI)",
+               "sources not worse", "gap to full closed", "tokens", "steps"]
+    rows = []
+    for r in summary["splits"][split]:
+        vs = r.get("vs_baseline")
+        delta = f"{vs['mean']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}]" if vs and vs["ci_low"] is not None else (f"{vs['mean']:+.4f}" if vs else "—")
+        nw = f"{r['sources_not_worse']}/{r['sources']}" if "sources" in r else "—"
+        gap = f"{r['gap_closed']:.0%}" if r.get("gap_closed") is not None else "—"
+        loss = f"{r['loss']:.4f} ± {r['sd']:.4f}"
+        if r["seeds"] == 1 and len(bench.seeds) != 1:  # an arm run once (the demo's full data): no spread
+            loss = f"{r['loss']:.4f} (1 seed)"
+        elif r["seeds"] != len(bench.seeds):
+            loss += f" ({r['seeds']} seeds)"
+        rows.append([r["arm"], f"{r['fraction']:g}", loss, delta, nw, gap, f"{r['tokens']:.0f}", str(r["steps"])])
+    return columns, rows
+
+
+def split_title(summary: dict[str, Any], split: str) -> str:
+    return f"{split} (base model: {summary['base'][split]:.4f})"
+
+
 def markdown(summary: dict[str, Any], bench: BenchSection) -> str:
     lines = []
-    for split, rows in summary["splits"].items():
-        lines += [f"### {split} (base model: {summary['base'][split]:.4f})", "",
-                  f"| arm | budget | loss (mean ± sd, {len(bench.seeds)} seeds) | Δ vs {bench.baseline} (95% CI) | sources not worse | gap to full closed | tokens | steps |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            vs = r.get("vs_baseline")
-            delta = f"{vs['mean']:+.4f} [{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}]" if vs and vs["ci_low"] is not None else (f"{vs['mean']:+.4f}" if vs else "—")
-            nw = f"{r['sources_not_worse']}/{r['sources']}" if "sources" in r else "—"
-            gap = f"{r['gap_closed']:.0%}" if r.get("gap_closed") is not None else "—"
-            lines.append(f"| {r['arm']} | {r['fraction']:g} | {r['loss']:.4f} ± {r['sd']:.4f} | {delta} | {nw} | {gap} | {r['tokens']:.0f} | {r['steps']} |")
+    for split in summary["splits"]:
+        columns, rows = table_rows(summary, bench, split)
+        lines += [f"### {split_title(summary, split)}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines.append("")
     return "\n".join(lines)
+
+
+def verdict(summary: dict[str, Any], bench: BenchSection, arm: str, split: str) -> str | None:
+    """One sentence on ``arm`` against the baseline on ``split``: which is better, by how much, and
+    whether the 95% interval of the paired difference excludes zero; None when they were not paired."""
+    rows = {r["arm"]: r for r in summary["splits"].get(split, [])}
+    mine, base = rows.get(arm), rows.get(bench.baseline)
+    vs = (mine or {}).get("vs_baseline")
+    if mine is None or base is None or vs is None:
+        return None
+    n, diff = vs["n"], vs["mean"]
+    budget = f"{mine['fraction']:.0%}"
+    if diff == 0:
+        head = f"{arm} and {bench.baseline} ({budget} each) reach the same held-out {split} loss, {mine['loss']:.4f}"
+    else:
+        better, worse = (arm, bench.baseline) if diff < 0 else (bench.baseline, arm)
+        rel = abs(diff) / base["loss"] if base["loss"] else 0.0
+        head = (f"{better} ({budget}) trains a better model than {worse} ({budget}): held-out {split} loss "
+                f"{mine['loss']:.4f} vs {base['loss']:.4f}, {abs(diff):.4f} ({rel:.2%}) {'lower' if diff < 0 else 'higher'} for {arm}")
+    seeds = f"over {n} seed{'s' if n != 1 else ''}"
+    if vs["ci_low"] is None:
+        return f"{head}, {seeds}: one pair, so no interval; too few to tell."
+    excludes = vs["ci_low"] > 0 or vs["ci_high"] < 0
+    ci = f"[{vs['ci_low']:+.4f}, {vs['ci_high']:+.4f}]"
+    tail = (f"the 95% interval of the difference, {ci}, excludes zero: the difference is real at this confidence"
+            if excludes else f"the 95% interval of the difference, {ci}, includes zero: the difference could be chance")
+    return f"{head}, {seeds}; {tail}."
+
+
+def full_data_note(summary: dict[str, Any], bench: BenchSection, split: str) -> str | None:
+    """Where the full-data arm lands on ``split``, and the share of the gap the other arms close."""
+    rows = {r["arm"]: r for r in summary["splits"].get(split, [])}
+    full = rows.get(bench.full) if bench.full else None
+    if full is None:
+        return None
+    closed = [f"{name} closes {r['gap_closed']:.0%} of the gap from {bench.baseline} to it"
+              for name, r in rows.items() if r.get("gap_closed") is not None and name != bench.full]
+    seeds = f"{full['seeds']} seed{'s' if full['seeds'] != 1 else ''}"
+    return f"All the data ({seeds}): held-out {split} loss {full['loss']:.4f}" + (f"; {', '.join(closed)}." if closed else ".")
 
 
 def run_bench(cfg: Config, bench: BenchSection, executor: Executor | None = None) -> dict[str, Any]:
@@ -335,18 +394,24 @@ def run_bench(cfg: Config, bench: BenchSection, executor: Executor | None = None
     return summary
 
 
+DEMO_SEEDS = 3  # the demo's comparison: enough seeds for a paired 95% interval
+
+
 def demo_comparison(cfg: Config, executor: Executor | None = None) -> tuple[dict[str, Any], BenchSection]:
-    """The demo's last word: the configured selection vs a random one of the same budget vs all the
-    data, one seed, on the test split. The demo's model is tiny, so the cells run in this process
-    (the local executor, one train worker) unless an executor is given."""
+    """The demo's last word: the configured selection vs a random one of the same budget, each over
+    three seeds (``train.seed`` and the next two: selection and training), and all the data once (it
+    is not paired with anything; one seed keeps the demo short), on the test split. The demo's model
+    is tiny, so the cells run in this process (the local executor, one train worker) unless an
+    executor is given."""
     from spice_ray.executor import LocalExecutor
 
     local = cfg.model_copy(deep=True)
     local.train.num_workers, local.run.executor = 1, "local"
+    seeds = [cfg.train.seed + i for i in range(DEMO_SEEDS)]
     arms = [{"name": cfg.select.method, "select": {}}, {"name": "random", "select": {"method": "random"}},
-            {"name": "full", "select": {"method": "random"}, "fraction": 1.0}]
+            {"name": "full", "select": {"method": "random"}, "fraction": 1.0, "seeds": seeds[:1]}]
     if cfg.select.method == "random":
         arms = arms[1:]
-    bench = BenchSection.model_validate({"arms": arms, "seeds": [cfg.train.seed], "splits": ["test"],
+    bench = BenchSection.model_validate({"arms": arms, "seeds": seeds, "splits": ["test"],
                                          "fractions": [cfg.select.fraction or 0.1]})
     return run_bench(local, bench, executor or LocalExecutor()), bench

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
-import sys
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,6 +11,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from spice_ray.config import Config, ConfigError, load_config
+from spice_ray.logs import follow_stderr
+from spice_ray.tables import print_json, print_table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="SPICE data selection and fine-tuning on Ray.")
 console = Console()
@@ -26,48 +24,17 @@ RootOpt = Annotated[str | None, typer.Option("--root", help="Run root (same as -
 
 ExecutorOpt = Annotated[str | None, typer.Option("--executor", help="ray (default) or local: every stage in this process, no Ray.")]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show every library's log lines (Ray, transformers, ...).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the rows as JSON (raw values), for scripts.")]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_LEASE_HELD = 1, 2, 3
 
 
-class _ConsoleFilter(logging.Filter):
-    """The terminal shows spice-ray's stage lines and everyone's warnings; the rest goes to the run's
-    driver.log (and to the terminal with --verbose)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.WARNING or record.name in ("spice_ray.pipeline", "spice_ray.cli")
-
-
-def _follow_stderr() -> None:
-    """Point the terminal log handler at the current ``sys.stderr`` (rich swaps it while a bar runs)."""
-    for h in logging.getLogger().handlers:
-        if getattr(h, "_spice", False):
-            h.stream = sys.stderr  # type: ignore[attr-defined]
-
-
 def _setup_logging(verbose: bool = False) -> None:
-    level = os.environ.get("SPICE_LOG_LEVEL", "INFO").upper()
-    root = logging.getLogger()
-    root.setLevel(level)
-    if any(getattr(h, "_spice", False) for h in root.handlers):  # set up before in this process
-        _follow_stderr()
-        return
-    if verbose:
-        os.environ["SPICE_VERBOSE"] = "1"  # the executor passes Ray's own logs through
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-    if not verbose:
-        handler.addFilter(_ConsoleFilter())
-        if not Path("/dev/nvidiactl").exists():  # no NVIDIA driver (asking torch would cost 1.4 s of start-up)
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns on import that it found none
-        warnings.filterwarnings("ignore", category=FutureWarning)  # libraries' deprecation notes: driver.log has them
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        for noisy in ("transformers", "datasets", "deepspeed", "torch", "ray", "urllib3", "filelock"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    handler._spice = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
+    """The terminal's log lines: stage lines and spice-ray's warnings; every line of every library with
+    ``-v`` (:mod:`spice_ray.logs`)."""
+    from spice_ray.logs import setup_console_logging
+
+    setup_console_logging(verbose)
 
 
 def _error(message: str, code: int) -> typer.Exit:
@@ -106,7 +73,7 @@ class _Bar:
                             console=console, transient=True)
         self.tasks: dict[str, Any] = {}
         self.bar.start()  # from here sys.stderr is rich's proxy: log lines print above the bar
-        _follow_stderr()
+        follow_stderr()
         progress.listen(self.update)
         return self
 
@@ -120,7 +87,7 @@ class _Bar:
 
         progress.listen(None)
         self.bar.stop()
-        _follow_stderr()
+        follow_stderr()
 
 
 def _run(cfg: Config, stages: list[str] | None, verbose: bool = False) -> dict[str, Any]:
@@ -179,20 +146,33 @@ DEMO = ["corpus.holdout_test=0.2", "eval.holdout=test"]  # the demo evaluates on
 @app.command()
 def demo(set_: SetOpt = None, root: RootOpt = None, executor: ExecutorOpt = None, verbose: VerboseOpt = False) -> None:
     """The whole pipeline on a generated corpus with the built-in tiny pre-trained model, on local
-    Ray; then the question that matters: does SPICE's 10% train a better model than a random 10%?"""
-    from spice_ray.bench import demo_comparison, markdown
+    Ray; then the question that matters: does SPICE's 10% train a better model than a random 10%?
+    (three seeds each, paired, with a 95% interval; all the data once)"""
+    from spice_ray.bench import demo_comparison
     from spice_ray.report import write_report
 
     cfg = _load(None, [*DEMO, *(set_ or [])], root, executor)
     outcomes = _run(cfg, None, verbose)
     _print_summary(cfg, outcomes)
-    console.rule("SPICE vs random vs full data, held-out loss (lower is better)")
     with contextlib.nullcontext() if verbose else _Bar():
         summary, bench_cfg = demo_comparison(cfg)
-    console.print(markdown(summary, bench_cfg).split("\n", 2)[2].strip(), soft_wrap=True)
-    console.print(f"run root: {Path(cfg.run.root).resolve()}")
-    console.print(f"report:   {write_report(cfg.run.root)}")
-    console.print(f"bench:    {Path(cfg.run.root).resolve() / 'bench' / 'index.html'}")
+    console.rule("SPICE vs random vs full data, held-out loss (lower is better)")
+    _print_comparison(summary, bench_cfg, arm=cfg.select.method)
+    console.print(f"run root: {Path(cfg.run.root).resolve()}", soft_wrap=True)
+    console.print(f"report:   {write_report(cfg.run.root)}", soft_wrap=True)
+    console.print(f"bench:    {Path(cfg.run.root).resolve() / 'bench' / 'index.html'}", soft_wrap=True)
+
+
+def _print_comparison(summary: dict[str, Any], bench_cfg: Any, arm: str | None = None) -> None:
+    """Each split's comparison as a table, then (for ``arm``) the verdict in words."""
+    from spice_ray.bench import full_data_note, split_title, table_rows, verdict
+
+    for split in summary["splits"]:
+        columns, rows = table_rows(summary, bench_cfg, split)
+        print_table(console, columns, rows, title=split_title(summary, split))
+        notes = [verdict(summary, bench_cfg, arm, split) if arm else None, full_data_note(summary, bench_cfg, split)]
+        for note in filter(None, notes):
+            console.print(escape(note))
 
 
 @app.command()
@@ -226,7 +206,11 @@ def compare(
         if not run_root.is_dir():
             console.print(f"[red]error:[/red] no run at {run_root}")
             raise typer.Exit(2)
-    console.print(compare_runs(run_a, run_b))
+    text = compare_runs(run_a, run_b)
+    if console.is_terminal:
+        console.print(text, soft_wrap=True, markup=False, highlight=False)  # lines whole: the terminal wraps them
+    else:
+        console.file.write(text)  # piped: the Markdown as is, never re-wrapped
 
 
 @app.command()
@@ -254,24 +238,36 @@ def submit(
     console.print(f"status:           ray job status{where} {job_id}")
 
 
-@app.command()
-def runs(run_root: Annotated[Path, typer.Argument(help="A run root that has been run one or more times.")]) -> None:
-    """List a run root's recorded invocations with their counts and selection stats."""
-    from rich.table import Table
+RUN_COLUMNS = ("run", "state", "records", "sketched", "selected", "method", "log det", "eval loss", "redone")
 
+
+def run_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """``list_runs`` rows as the cells of ``spice-ray runs`` (whole values)."""
+    out = []
+    for r in rows:
+        state = f"{r['state']} (bench)" if r.get("inner") else r["state"]
+        logdet = "" if r["logdet"] is None else f"{r['logdet']:.3f}"
+        loss = "" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
+        counts = [str(r[k]) if r[k] is not None else "" for k in ("records", "sketched", "selected", "method")]
+        out.append([r["run"], state, *counts, logdet, loss, ",".join(r["redone"])])
+    return out
+
+
+@app.command()
+def runs(run_root: Annotated[Path, typer.Argument(help="A run root that has been run one or more times.")],
+         json_: JsonOpt = False) -> None:
+    """List a run root's recorded invocations with their counts and selection stats (a table on a
+    terminal, tab-separated columns when piped, JSON with --json)."""
     from spice_ray.pipeline import list_runs
 
     rows = list_runs(run_root)
+    if json_:
+        print_json(console, rows)
+        raise typer.Exit(0 if rows else 1)
     if not rows:
-        console.print(f"no recorded runs under {run_root}")
+        console.print(f"no recorded runs under {escape(str(run_root))}", soft_wrap=True)
         raise typer.Exit(1)
-    table = Table("run", "state", "records", "sketched", "selected", "method", "log det", "eval loss", "redone")
-    for r in rows:
-        logdet = "" if r["logdet"] is None else f"{r['logdet']:.3f}"
-        loss = "" if r["eval_loss"] is None else f"{r['eval_loss']:.4f}"
-        table.add_row(r["run"], r["state"], *(str(r[k] if r[k] is not None else "") for k in ("records", "sketched", "selected", "method")),
-                      logdet, loss, ",".join(r["redone"]))
-    console.print(table)
+    print_table(console, RUN_COLUMNS, run_rows(rows))
 
 
 @app.command("eval")
@@ -321,10 +317,12 @@ def bench(
     root: RootOpt = None,
     executor: ExecutorOpt = None,
     verbose: VerboseOpt = False,
+    json_: JsonOpt = False,
 ) -> None:
     """Does the selection train a better model? Every arm × seed selected from one sketch set,
-    fine-tuned from the same base and evaluated per source on the held-out splits; resumable."""
-    from spice_ray.bench import load_bench, markdown, run_bench
+    fine-tuned from the same base and evaluated per source on the held-out splits; resumable.
+    --json: the summary (results.json's content) instead of the tables."""
+    from spice_ray.bench import load_bench, run_bench
 
     items = [*(set_ or []), *([f"run.root={root}"] if root else []), *([f"run.executor={executor}"] if executor else [])]
     try:
@@ -334,8 +332,11 @@ def bench(
     _setup_logging(verbose)
     with contextlib.nullcontext() if verbose else _Bar():
         summary = run_bench(cfg, bench_cfg)
-    console.print(markdown(summary, bench_cfg), soft_wrap=True)
-    console.print(f"results:  {Path(cfg.run.root) / 'bench' / 'results.md'} (and index.html)")
+    if json_:
+        print_json(console, summary)
+        return
+    _print_comparison(summary, bench_cfg)
+    console.print(f"results:  {Path(cfg.run.root) / 'bench' / 'results.md'} (and index.html)", soft_wrap=True)
 
 
 @app.command()

@@ -13,6 +13,10 @@ completion markers, manifests, content keys, one writer at a time and a record o
                                   driver.log, the selection and the eval results of that run
     <root>/status.json            the latest invocation's status (machine-readable)
     <root>/latest.json            where the latest trained model, eval and selection are (written last)
+
+An inner call (``run_pipeline(..., record=False)``: the bench's and the demo comparison's shared
+stages) leaves ``config.yaml`` (written only where there is none), ``status.json`` and ``latest.json``
+to the user's own invocations; its history entry (when it did work or failed) says ``"inner": true``.
     <root>/_lease.json            the live run's lease (one writer per root)
 
 Each stage directory holds ``manifest.json`` (inputs and their digests, config, versions, counts,
@@ -266,8 +270,9 @@ class Invocation:
     """One call of :func:`run_pipeline`: its status file, its driver log, and (when it did work or
     failed) its history entry ``history/<time>-<run id>/``."""
 
-    def __init__(self, root: RunRoot, run_id: str, stages: list[str]) -> None:
+    def __init__(self, root: RunRoot, run_id: str, stages: list[str], *, record: bool = True) -> None:
         self.root, self.run_id, self.stages = root, run_id, stages
+        self.record_root = record  # False: an inner call, which leaves the root's status.json alone
         self.started = datetime.now(UTC)
         self.entry = f"{HISTORY}/{self.started.strftime('%Y%m%dT%H%M%S.%fZ')}-{run_id}"  # sorts by start, to the µs
         self._dir = tempfile.TemporaryDirectory(prefix="spice-run-")
@@ -281,11 +286,13 @@ class Invocation:
             logging.getLogger("spice_ray").setLevel(logging.INFO)  # and spice-ray's own progress lines
 
     def status(self, state: str, *, stage: str | None = None, error: str | None = None, in_history: bool = False) -> dict[str, Any]:
+        """The root's ``status.json`` (not for an inner call) and, ``in_history``, the entry's."""
         record = {"run": self.run_id, "state": state, "stage": stage, "stages": self.stages, "error": error,
                   "started": self.started.isoformat(), "updated": datetime.now(UTC).isoformat(),
                   "entry": self.entry if in_history else None}
         text = json.dumps(record, indent=2)
-        self.root.store.write_text(STATUS_FILE, text)
+        if self.record_root:
+            self.root.store.write_text(STATUS_FILE, text)
         if in_history:
             self.root.store.write_text(f"{self.entry}/{STATUS_FILE}", text)
         return record
@@ -299,6 +306,7 @@ class Invocation:
             "finished": datetime.now(UTC).isoformat(),
             "state": state,
             "error": error,
+            "inner": not self.record_root,
             "stages": {name: {"key": o.manifest.get("key"), "skipped": o.skipped, "seconds": o.manifest.get("seconds"),
                               "dir": o.manifest.get("dir"), "result": o.result} for name, o in outcomes.items()},
         }
@@ -354,7 +362,8 @@ def _run_stages(root: RunRoot, cfg: Config, wanted: list[str], executor: Executo
         if manifest is not None:
             manifests[stage.name] = manifest
             if stage.name in wanted or stage.name == "models":
-                logger.info("%s: finished earlier, skipped", stage.name)
+                # an inner call (the bench's shared stages) does not repeat what the user just read
+                logger.log(logging.INFO if run.record_root else logging.DEBUG, "%s: finished earlier, skipped", stage.name)
                 outcomes[stage.name] = StageOutcome(stage.name, skipped=True, manifest=manifest)
             continue
         if stage.name not in wanted and stage.name != "models":
@@ -371,25 +380,30 @@ class StageNotReady(RuntimeError):
 
 
 def run_pipeline(cfg: Config, *, stages: list[str] | None = None, executor: Executor | None = None,
-                 lease_ttl: float | None = None) -> dict[str, StageOutcome]:
+                 lease_ttl: float | None = None, record: bool = True) -> dict[str, StageOutcome]:
     """Run the configured stages in order under ``cfg.run.root``; returns each stage's outcome.
 
     ``executor``: where the work runs (default: ``run.executor``). Holds the root's lease throughout
-    (:class:`spice_ray.lease.LeaseHeld` when another run holds it)."""
+    (:class:`spice_ray.lease.LeaseHeld` when another run holds it). ``record=False``: an inner call
+    (the bench's shared stages) that leaves the root's ``config.yaml``, ``status.json`` and
+    ``latest.json`` to the user's own invocations; it still writes a history entry when it did work
+    or failed."""
     root = RunRoot(cfg.run.root)
     wanted = list(stages or cfg.run.stages)
     lease = Lease(root.store, ttl=lease_ttl or cfg.run.lease_ttl_s)
     outcomes: dict[str, StageOutcome] = {}
     with lease:
-        run = Invocation(root, lease.run_id, wanted)
+        run = Invocation(root, lease.run_id, wanted, record=record)
         try:
             run.status("running")
-            root.store.write_text("config.yaml", dump_config(cfg, redacted=True))
+            if record or not root.store.exists("config.yaml"):  # an inner call never replaces the user's
+                root.store.write_text("config.yaml", dump_config(cfg, redacted=True))
             executor = executor or make_executor(cfg.run.executor, address=cfg.run.ray_address)
             _run_stages(root, cfg, wanted, executor, lease, run, outcomes)
             if any(not o.skipped for o in outcomes.values()):
                 run.record(outcomes, "succeeded")
-                run.latest(outcomes)
+                if record:
+                    run.latest(outcomes)
             else:
                 run.status("noop")
         except BaseException as e:
@@ -419,6 +433,7 @@ def list_runs(root: str | Path) -> list[dict[str, Any]]:
             {
                 "run": name,
                 "state": run.get("state", "succeeded"),
+                "inner": bool(run.get("inner", False)),
                 "records": result["ingest"].get("n_kept"),
                 "quarantined": result["ingest"].get("n_quarantined"),
                 "sketched": result["sketch"].get("n_computed", result["sketch"].get("n_sketches")),

@@ -9,11 +9,14 @@
   so a rerun with the same storage resumes from its latest checkpoint, ``FailureConfig`` restarts.
 
 GPU use is decided here once: a unit of work with ``gpus=None`` gets one GPU when the cluster has
-any. Ray's own logs stay off the terminal unless ``verbose``.
+any. Ray's own logs stay off the terminal unless ``verbose`` (they go to the run's driver.log), and
+so does the false alarm Ray's core worker logs when a Ray Data actor pool starts
+(:data:`spice_ray.logs.RAY_FALSE_ALARMS`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -23,27 +26,54 @@ from typing import Any
 import pyarrow as pa
 
 from spice_ray.executor import RecordBatches, Resources
+from spice_ray.logs import drop_native_lines
 
 logger = logging.getLogger(__name__)
 
 RUN_NAME = "ray_train"
 
 
+def _starts_local_cluster(address: str | None) -> bool:
+    """Whether ``ray.init(address)`` would start a new Ray on this machine (no address given, no
+    RAY_ADDRESS, no ``ray start`` cluster found here)."""
+    if address not in (None, "auto", "local"):
+        return False
+    if address == "local":
+        return True
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address) is None
+    except Exception:  # a private helper: when it moves, judge by the environment alone
+        return address is None and not os.environ.get("RAY_ADDRESS")
+
+
 def init_ray(address: str | None = None, *, verbose: bool = False) -> None:
+    """Start or join Ray. A Ray this process starts is local: on 127.0.0.1, without usage stats and
+    without token authentication unless RAY_AUTH_MODE says otherwise (Ray ≥ 2.5x turns it on for a
+    new local cluster and says so on the terminal). Without ``verbose``, Ray's Python loggers reach
+    the run's driver.log, not the terminal (:func:`spice_ray.logs.route_framework_logs`), and its
+    workers' output stays in Ray's session logs (``log_to_driver=False``)."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is None and "RAY_ADDRESS" not in os.environ:
-        # a local single-machine Ray (the demo): keep it on 127.0.0.1
+    if _starts_local_cluster(address):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    quiet = {} if verbose else {"logging_level": logging.WARNING, "log_to_driver": False}
-    ray.init(address=address, ignore_reinit_error=True, **quiet)
-    if not verbose:
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        for name in ("ray", "ray.data", "ray.train"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-machine Ray on loopback: no token to manage
+    if verbose:
+        ray.init(address=address, ignore_reinit_error=True)
+        return
+    import ray.data  # configures Ray Data's loggers, which route_framework_logs then takes over
+
+    from spice_ray.logs import route_framework_logs, route_raylet_notices
+
+    route_framework_logs()
+    route_raylet_notices()
+    ray.init(address=address, ignore_reinit_error=True, logging_level=logging.INFO, log_to_driver=False)
+    route_framework_logs()  # ray.init may have set levels or handlers again
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws the one bar
 
 
 def _logged(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -117,8 +147,8 @@ class RayExecutor:
             num_cpus=resources.cpus,
             num_gpus=self.gpus(resources),
         )
-        for block in out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
-            yield block
+        with contextlib.nullcontext() if self.verbose else drop_native_lines():  # the pool's start-up false alarm
+            yield from out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
     def train(self, loop_config: dict[str, Any], *, rows: str, storage: str, resources: Resources, max_failures: int, keep: int,
               callbacks: list[Any] | None = None, data_config: Any | None = None) -> tuple[dict[str, Any], str | None]:
