@@ -10,6 +10,11 @@ per source.
     python benchmarks/quality.py --root runs/quality                  # the arms of benchmarks/quality.yaml
     python benchmarks/quality.py --root runs/quality --set bench.seeds=[0]   # quicker
     python benchmarks/quality.py --root runs/quality --config benchmarks/quality_sweep.yaml  # the remedies, on validation
+    python benchmarks/quality.py --root runs/noisy --setting noisy --config benchmarks/quality_settings.yaml
+
+``--setting redundant|noisy`` builds that pool from the same records first (``benchmarks/settings.py``:
+the held-out rows unchanged) and reports, per arm, the share of its picks that are corrupted records
+or near-duplicate rewrites.
 
 Nothing is downloaded; the data never enters the repository.
 """
@@ -56,6 +61,7 @@ def main() -> int:
     ap.add_argument("--root", default="runs/quality", help="bench run root")
     ap.add_argument("--config", default=str(REPO / "benchmarks" / "quality.yaml"), help="bench config")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
+    ap.add_argument("--setting", choices=["standard", "redundant", "noisy"], help="build this pool (benchmarks/settings.py)")
     args = ap.parse_args()
     if not any(SHARED.joinpath("data").glob("*.jsonl")):
         print(f"skipped: the real corpus is not at {SHARED / 'data'} (set SPICE_SHARED)")
@@ -64,15 +70,51 @@ def main() -> int:
     from spice_ray.bench import load_bench, markdown, run_bench
 
     root = Path(args.root).resolve()
-    corpus = prepare_corpus(SHARED / "data", root / "corpus")
     pico = SHARED / "models" / "pico-llama"
-    overrides = [f"run.root={root}", f"corpus.paths=[{corpus}]", f"model.proxy={pico}", f"model.target={pico}", *args.overrides]
-    cfg, bench = load_bench(args.config, overrides)
+    overrides = [f"run.root={root}", f"model.proxy={pico}", f"model.target={pico}", *args.overrides]
+    cfg, _ = load_bench(args.config, overrides)
+    if args.setting:
+        import settings
+
+        c = cfg.corpus
+        rule = settings.SplitRule(c.split_seed, c.holdout_validation, c.holdout_test, c.pool_fraction)
+        rows = settings.read_rows(SHARED / "data", lambda r: not in_proxy_slice(r["id"]))
+        corpus = settings.write(settings.build(args.setting, rows, rule), root / "setting")
+        overrides += ["corpus.pool_fraction=1.0"]  # the written corpus is the pool and the held-out rows
+    else:
+        corpus = prepare_corpus(SHARED / "data", root / "corpus")
+    cfg, bench = load_bench(args.config, [*overrides, f"corpus.paths=[{corpus}]"])
     t0 = time.time()
     summary = run_bench(cfg, bench)
     print(markdown(summary, bench))
+    if args.setting in ("noisy", "redundant"):
+        print(picked_shares(root, bench))
     print(f"bench: {time.time() - t0:.0f} s; results under {root / 'bench'}")
     return 0
+
+
+def picked_shares(root: Path, bench) -> str:
+    """Per arm and budget: the share of its picks that are corrupted records (noisy) or rewrites
+    (redundant), mean over seeds, beside that share in the pool."""
+    import pyarrow.parquet as pq
+
+    manifest = json.loads((root / "setting" / "setting.json").read_text())
+    marked = set(manifest.get("corrupted") or manifest.get("duplicate_of") or {})
+    what = "corrupted" if manifest["setting"] == "noisy" else "rewrites"
+    lines = [f"| arm | budget | picks that are {what} (pool: {len(marked) / manifest['pool_rows']:.1%}) |", "|---|---|---|"]
+    for arm in bench.arms:
+        for fraction in [arm.fraction] if arm.fraction else bench.fractions:
+            shares = []
+            for seed in bench.seeds:
+                path = root / "bench" / "cells" / arm.name / f"f{fraction:g}" / f"s{seed}" / "select" / "selection.parquet"
+                if path.exists():
+                    uids = pq.read_table(path, columns=["uid"]).column("uid").to_pylist()
+                    shares.append(sum(u in marked for u in uids) / max(1, len(uids)))
+            if shares:
+                lines.append(f"| {arm.name} | {fraction:g} | {sum(shares) / len(shares):.1%} |")
+    table = "\n".join(lines)
+    (root / "bench" / f"{what}_picked.md").write_text(table + "\n")
+    return table
 
 
 if __name__ == "__main__":
