@@ -17,12 +17,11 @@ Engines:
   torch device runs the block engine of :mod:`spice_ray.select.device_engine` instead, one host
   round trip per block of steps). Updates that arrive before the next ``best()`` (a resume
   replaying picks) are applied 64 per read of the rows.
-* **lazy** — Δ_i(S) only shrinks as S grows and ``c_i ≥ 0``, so a stale gain bounds the current
-  score from above; a conflict seen at refresh time τ can only have shrunk since by the drift
-  ``Σ_{τ≤j<t} ‖ŝ_{j+1} − ŝ_j‖`` of the selected mean's direction, which tightens the bound for rows
-  with a known conflict. Candidates sit in priority queues of upper bounds; each step refreshes
-  (against the current ``M⁻¹``, O(min(t, d)·d) per row) only rows whose bound can reach the best
-  fresh score, in batches, until no stale bound can (see :class:`LazyEngine`).
+* **lazy** — Δ_i(S) only shrinks as S grows and ``c_i ≥ 0``, so a row's last computed gain bounds
+  its later scores. The rows that can win soon form an exact *frontier* kept up to date like the
+  eager pass (2d flops a row per step, the conflict current); the rest wait behind a level ``L`` of
+  stale bounds and are scored afresh (d² flops) only when the frontier is rebuilt
+  (see :class:`LazyEngine`).
 
 Both engines then hand their contenders (approximate score within the rounding margin of the best)
 to :meth:`SelectedState.winner`, which decides by the canonical score — so eager, lazy, sharded and
@@ -311,128 +310,155 @@ class EagerTorch(_Engine):
 
 
 class LazyEngine(_Engine):
-    """Lazy exact greedy: stale upper bounds in priority queues, refresh only what can still win.
+    """Lazy exact greedy: an eager frontier of the rows that can win, stale upper bounds for the rest.
 
-    Per candidate ``i``: ``gain_i`` (float64 fresh gain at its last refresh τ; the base gain
-    ``Δ_i(∅)`` before any) and ``P_i = ĉ_i(τ) + D_τ``. For any later step t the canonical score
-    satisfies ``score_i(t) ≤ bound_i(t) + 2δ`` (δ: the float64 margin) with
+    Bounds. Per row ``i``, ``ub_i`` is its float64 gain when last computed (the base gain ``Δ_i(∅)``
+    before any): Δ only shrinks as S grows and the conflict is ≥ 0, so ``ub_i`` bounds every later
+    score (up to the rounding margin ``m_i = a‖g_i‖² + b`` of :meth:`SelectedState.margin_coefs`, per
+    row: the margin grows with ‖g_i‖², and with t only as t·√d·u).
 
-        ``bound_i(t) = gain_i − λ·max(0, P_i − E_t) = min(gain_i, K_i + λ E_t)``,  ``K_i = gain_i − λ P_i``
-
-    since Δ only shrinks and the conflict can only have shrunk by the accumulated drift
-    ``Σ_j ‖ŝ_{j+1} − ŝ_j‖`` (``E_t ≥ D_t`` also absorbs the conflict rounding margins). Rows whose
-    conflict allowance is still active (``P_i > E``) sit in heap A keyed by ``K_i`` (their bound
-    ``K_i + λE_t`` grows with the drift); the others in heap B keyed by ``gain_i`` (a bound that never
-    grows), next to the never-refreshed rows in base-gain order (a sorted array). A row moves from A
-    to B when its allowance runs out.
-
-    A step: pop the largest bound while ``bound + 4δ ≥ thr`` (thr: the best fresh score so far in
-    this step); refresh the popped rows in small batches (O(min(t, d)·d) each), raising ``thr``.
-    Rows not popped have canonical score < the canonical score of the best fresh row — strictly, so
-    they cannot win a tie either. The fresh rows within the margin of ``thr`` are decided canonically.
+    Frontier. The rows with the ``size`` largest ``ub`` form the frontier F; the others have
+    ``ub ≤ L``. F is kept *exact*, as the eager engine keeps all rows: a float64 copy of its rows,
+    their ``q = gᵀM⁻¹g`` and ``g·s`` updated each step by one ``G_F [u, g]`` product (2d flops a row
+    rather than the d² of a refresh), so their scores are current — the conflict included, where a
+    stale bound would have to allow for any drift of the selected mean's direction. A step scores F;
+    if the best F score less its margin beats ``L`` plus the largest margin, no row outside F can win
+    or tie, and the F rows within the margins of the best are decided canonically
+    (:meth:`_Engine.decide`). Otherwise F is rebuilt from the current bounds (its rows' current gains,
+    the stale ones outside; a row entering F is scored once, d² flops) and the step redone. F doubles
+    when rebuilds come more often than every ``grow_below`` steps.
     """
 
-    def __init__(self, G: np.ndarray, indices: np.ndarray, state: SelectedState, batch: int = 8) -> None:
+    def __init__(
+        self, G: np.ndarray, indices: np.ndarray, state: SelectedState, size: int = 2048, grow_below: int = 4
+    ) -> None:
         super().__init__(G, indices, state)
-        self.batch = int(batch)
-        self.gain = np.log1p(state.alpha * self.norm_sq)  # Δ_i(∅) ≥ Δ_i(S) for any S
-        self.P = np.zeros(self.n, dtype=np.float64)
-        self.version = np.zeros(self.n, dtype=np.int64)
-        self.order = np.argsort(-self.gain, kind="stable")  # never-refreshed rows, by base gain
-        self.ptr = 0
-        self.heap_a: list[tuple[float, int, int]] = []  # (−K, row, version): conflict allowance active
-        self.heap_b: list[tuple[float, int, int]] = []  # (−gain, row, version)
+        self.size = int(size)
+        self.grow_below = int(grow_below)
+        self.ub = np.log1p(state.alpha * self.norm_sq)  # Δ_i(∅) ≥ Δ_i(S) for any S
+        self.pos = np.full(self.n, -1, dtype=np.int64)  # row → its place in F, or −1
+        self.L = np.inf  # no frontier yet: the first step builds one
+        self.F = np.zeros(0, dtype=np.int64)
+        self.qF = self.dotF = np.zeros(0)
+        self.pending: list[tuple[np.ndarray, np.ndarray, float]] = []
+        self.since = 0  # steps since the last rebuild
+        self.rebuilds = 0
+        self.tracked = 0  # F rows brought up to date (2d flops each; ``refreshed``: rows scored afresh, d²)
 
     def update(self, u: np.ndarray, g: np.ndarray, coef: float, local: int | None) -> None:
+        self.pending.append((u, g, coef))
         if local is not None:
             self.kill(local)
+            self.ub[local] = -np.inf
+            if self.pos[local] >= 0:
+                self.deadF[self.pos[local]] = -np.inf
 
-    def _valid(self, entry: tuple[float, int, int]) -> bool:
-        return bool(self.alive[entry[1]]) and self.version[entry[1]] == entry[2]
+    def _apply(self) -> None:
+        """Bring F's ``q`` and ``g·s`` up to date with the pending picks (64 per product)."""
+        pend, self.pending = self.pending, []
+        for a in range(0, len(pend), _REPLAY_BLOCK):
+            block = pend[a : a + _REPLAY_BLOCK]
+            W = np.empty((self.G.shape[1], 2 * len(block)), dtype=np.float64)
+            for j, (u, g, _) in enumerate(block):
+                W[:, 2 * j] = u
+                W[:, 2 * j + 1] = g
+            R = self.GF @ W
+            for j, (_, _, coef) in enumerate(block):
+                r = R[:, 2 * j]
+                r *= r
+                r *= coef
+                self.qF -= r
+                np.maximum(self.qF, 0.0, out=self.qF)
+                self.dotF += R[:, 2 * j + 1]
 
-    def _peek(self, lamE: float) -> tuple[float, int, int] | None:
-        """``(bound, row, source)`` of the largest bound (0: sorted array, 1: heap A, 2: heap B)."""
-        while self.ptr < self.n:
-            i = int(self.order[self.ptr])
-            if self.alive[i] and self.version[i] == 0:
-                break
-            self.ptr += 1
-        while self.heap_a and not self._valid(self.heap_a[0]):
-            heapq.heappop(self.heap_a)
-        while self.heap_b and not self._valid(self.heap_b[0]):
-            heapq.heappop(self.heap_b)
-        best: tuple[float, int, int] | None = None
-        if self.ptr < self.n:
-            i = int(self.order[self.ptr])
-            best = (float(self.gain[i]), i, 0)
-        if self.heap_a:
-            b = -self.heap_a[0][0] + lamE
-            if best is None or b > best[0]:
-                best = (b, self.heap_a[0][1], 1)
-        if self.heap_b:
-            b = -self.heap_b[0][0]
-            if best is None or b > best[0]:
-                best = (b, self.heap_b[0][1], 2)
-        return best
-
-    def _push(self, i: int, lam: float, E: float) -> None:
-        if lam != 0 and self.P[i] > E:
-            heapq.heappush(self.heap_a, (-(self.gain[i] - lam * self.P[i]), i, int(self.version[i])))
+    def _rebuild(self) -> None:
+        """F := the alive rows with the ``size`` largest bounds; rows entering F are scored afresh."""
+        if self.L != np.inf and (self.since == 0 or self.since < self.grow_below):
+            self.size *= 2  # again within one step (the conflicts hide the winner below L), or often
+        self.since = 0
+        self.rebuilds += 1
+        if self.F.size:
+            self.ub[self.F] = np.where(np.isfinite(self.deadF), np.log1p(self.state.alpha * self.qF), -np.inf)
+        m = self.size
+        if m >= self.n_alive:
+            F, L = np.flatnonzero(self.alive), -np.inf
         else:
-            heapq.heappush(self.heap_b, (-self.gain[i], i, int(self.version[i])))
+            part = np.argpartition(self.ub, self.n - m - 1)
+            F, L = np.sort(part[self.n - m :]), float(self.ub[part[self.n - m - 1]])
+        kept = self.pos[F]
+        old_q, old_dot = self.qF, self.dotF
+        self.pos[self.F] = -1
+        self.F, self.L = F, L
+        self.pos[F] = np.arange(F.size)
+        self.GF = self.G[F].astype(np.float64)
+        self.nsqF = self.norm_sq[F]
+        self.invnF = np.zeros(F.size)
+        np.divide(1.0, np.sqrt(self.nsqF), out=self.invnF, where=self.nsqF > 0)
+        self.deadF = np.zeros(F.size)
+        self.qF = np.empty(F.size)
+        self.dotF = np.empty(F.size)
+        had = kept >= 0
+        self.qF[had], self.dotF[had] = old_q[kept[had]], old_dot[kept[had]]
+        new = np.flatnonzero(~had)
+        self.refreshed += new.size
+        for a in range(0, new.size, 256):
+            q, _, dot = self.state.fresh_qdot(self.GF[new[a : a + 256]])
+            self.qF[new[a : a + 256]] = q
+            self.dotF[new[a : a + 256]] = dot
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop from F the rows whose gain is below L (they cannot win before the next rebuild); their
+        ``ub`` is that gain, so every row outside F still has ``ub ≤ L``."""
+        gain = np.log1p(self.state.alpha * self.qF)
+        keep = (gain >= self.L) & np.isfinite(self.deadF)
+        if keep.all():
+            return
+        out = self.F[~keep]
+        self.ub[out] = np.where(np.isfinite(self.deadF[~keep]), gain[~keep], -np.inf)
+        self.pos[out] = -1
+        self.F = self.F[keep]
+        self.pos[self.F] = np.arange(self.F.size)
+        for name in ("GF", "nsqF", "invnF", "deadF", "qF", "dotF"):
+            setattr(self, name, getattr(self, name)[keep])
+
+    def _scores(self) -> np.ndarray:
+        st = self.state
+        score = np.log1p(self.qF * st.alpha)
+        if st.lam != 0 and st.s_norm > 0:
+            c = self.dotF * self.invnF
+            c *= -1.0 / st.s_norm
+            np.clip(c, 0.0, 1.0, out=c)
+            c *= st.lam
+            score -= c
+        score += self.deadF
+        return score
 
     def best(self) -> Winner | None:
         if self.n_alive == 0:
             return None
-        st = self.state
-        lam, E = st.lam, st.E
-        lamE = lam * E
-        slack = 4.0 * st.margin(self.max_norm_sq, U64)
-        thr = -np.inf
-        fresh_idx: list[np.ndarray] = []
-        fresh_score: list[np.ndarray] = []
-        size = self.batch
+        if self.L == np.inf:
+            self.pending = []  # the frontier is scored against the current state
+            self._rebuild()
+        self._apply()
+        a, b = self.state.margin_coefs(U64, self.max_norm_sq)
         while True:
-            batch: list[int] = []
-            while len(batch) < size:
-                top = self._peek(lamE)
-                if top is None or top[0] + slack < thr:
-                    break
-                bound, i, source = top
-                if source == 0:
-                    self.ptr += 1
-                elif source == 1:
-                    heapq.heappop(self.heap_a)
-                    if self.P[i] <= E:  # allowance used up: the bound is the gain, which never grows
-                        if self.gain[i] + slack < thr:
-                            heapq.heappush(self.heap_b, (-self.gain[i], i, int(self.version[i])))
-                            continue
-                else:
-                    heapq.heappop(self.heap_b)
-                batch.append(i)
-            if not batch:
+            if self.F.size == 0:
+                self._rebuild()
+                continue
+            score = self._scores()
+            m4 = self.nsqF * (4.0 * a)
+            m4 += 4.0 * b
+            j = int(np.argmax(score))
+            thr = float(score[j] - m4[j])
+            if np.isfinite(score[j]) and self.L + 4.0 * (a * self.max_norm_sq + b) < thr:
                 break
-            idx = np.asarray(batch, dtype=np.int64)
-            gain, conflict, score = st.fresh(self.rows64(idx))
-            self.gain[idx] = gain
-            self.P[idx] = conflict + st.D
-            self.version[idx] += 1
-            fresh_idx.append(idx)
-            fresh_score.append(score)
-            thr = max(thr, float(score.max()))
-            size = min(4 * self.batch, 2 * size)  # a step that needs many refreshes: bigger batches
-        idx = np.concatenate(fresh_idx)
-        score = np.concatenate(fresh_score)
-        for i in idx.tolist():
-            self._push(i, lam, E)
-        if len(self.heap_a) + len(self.heap_b) > 3 * self.n_alive + 4096:  # drop superseded entries
-            self.heap_a = [e for e in self.heap_a if self._valid(e)]
-            self.heap_b = [e for e in self.heap_b if self._valid(e)]
-            heapq.heapify(self.heap_a)
-            heapq.heapify(self.heap_b)
-        self.refreshed += idx.size
-        order = np.argsort(idx)
-        return self.decide(idx[order], score[order], U64)
+            self._rebuild()
+        self.since += 1
+        self.tracked += int(self.F.size)
+        m4 += score
+        cands = np.flatnonzero(m4 >= thr)
+        return self.decide(self.F[cands], None, U64)
 
 
 class CandidateShard:
@@ -458,7 +484,6 @@ class CandidateShard:
         lazy: bool = False,
         device: str | None = "numpy",
         state: SelectedState | None = None,
-        lazy_batch: int = 8,
     ) -> None:
         G = np.asarray(G)
         if G.ndim != 2:
@@ -476,7 +501,7 @@ class CandidateShard:
         self.lazy = bool(lazy)
         self.device = "numpy" if self.lazy else _resolve_device(device)
         if self.lazy:
-            self.engine: Any = LazyEngine(self.G, self.indices, self.state, batch=lazy_batch)
+            self.engine: Any = LazyEngine(self.G, self.indices, self.state)
         elif self.device == "numpy":
             self.engine = EagerNumpy(self.G, self.indices, self.state)
         else:

@@ -1,9 +1,11 @@
 """Sharded selection on Ray: shard actors own slices of the candidates, the driver reduces each step.
 
 For sketch sets larger than one machine. Each :class:`ShardActor` holds a contiguous slice of the
-rows (in uid order) in a :class:`~spice_ray.select.engines.CandidateShard` (eager or lazy, numpy or
-torch) with its own copy of the selected-side state (O(d²) or O(k·d) memory, the same on every
-shard). One step is one round trip: the driver sends every shard the previous step's pick
+rows (in uid order) in a :class:`~spice_ray.select.sharding.ShardWorker`: the rows scaled as the
+single worker scales them, α resolved by the driver from every shard's norms, then one
+:class:`~spice_ray.select.engines.CandidateShard` (or one per source under quotas; eager or lazy,
+numpy or torch) with its own copy of the selected-side state (O(d²) or O(k·d) memory, the same on
+every shard). One step is one round trip: the driver sends every shard the previous step's pick
 (``g``, ``u = M⁻¹g`` and ``q = gᵀM⁻¹g``, computed canonically by the shard that owned it), each
 shard applies it and answers its canonical best candidate, and the driver keeps the maximum score,
 ties to the smallest global index. Because every shard decides by the canonical score
@@ -17,106 +19,46 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import Counter
 from typing import Any
 
 import numpy as np
 import ray
 
 from spice_ray.config import SelectConfig
-from spice_ray.select.engines import CandidateShard, row_norms_sq
-from spice_ray.select.greedy import Selection, select_shards
-from spice_ray.select.io import read_sketch_uids, read_sketches
-from spice_ray.select.resume import PickCheckpoint, fingerprint_data
-from spice_ray.select.state import Winner
+from spice_ray.select.engines import row_norms_sq
+from spice_ray.select.greedy import Selection
+from spice_ray.select.io import read_sketch_column, read_sketch_uids, read_sketches
+from spice_ray.select.prepare import token_factors
+from spice_ray.select.resume import fingerprint_data
+from spice_ray.select.sharding import SHARDABLE, ShardWorker, select_over_workers, shard_bounds
 
 log = logging.getLogger(__name__)
 
 
 @ray.remote
 class ShardActor:
-    """One shard of the candidates: rows ``[offset, offset + n)`` of the uid-sorted sketches."""
+    """A :class:`~spice_ray.select.sharding.ShardWorker` in an actor: rows ``[offset, offset + n)``
+    of the uid-sorted sketches, read from the parquet (its uid range only) or given as an array."""
 
     def __init__(
-        self,
-        source: Any,
-        *,
-        offset: int,
-        alpha: float,
-        lam: float,
-        max_updates: int,
-        lazy: bool,
-        device: str | None,
-        uid_range: tuple[str | None, str | None] | None = None,
+        self, source: Any, *, offset: int, scale: str = "none", factors: np.ndarray | None = None,
+        groups: np.ndarray | None = None, uid_range: tuple[str | None, str | None] | None = None,
     ) -> None:
         logging.basicConfig(level=logging.INFO)
         if isinstance(source, str):  # a sketch parquet path: read only this shard's uid range
             _, G = read_sketches(source, uid_range=uid_range)
         else:
             G = np.asarray(source)
-        self.shard = CandidateShard(
-            G, alpha=alpha, lam=lam, max_updates=max_updates, offset=offset, lazy=lazy, device=device
-        )
-        log.info("shard at offset %d: %d rows (d=%d), lazy=%s", offset, len(self.shard), G.shape[1], lazy)
+        self.worker = ShardWorker(G, offset=offset, scale=scale, factors=factors, groups=groups)
+        log.info("shard at offset %d: %d rows (d=%d), scale=%s", offset, G.shape[0], G.shape[1], scale)
 
-    def info(self) -> dict[str, Any]:
-        return {"n": len(self.shard), "d": int(self.shard.G.shape[1]), "norm_sq_max": float(self.shard.engine.max_norm_sq)}
-
-    def apply(self, pick: tuple[np.ndarray, np.ndarray, float, int] | None) -> None:
-        if pick is not None:
-            u, g, q, index = pick
-            self.shard.update(u, g, q, index)
-
-    def step(self, pick: tuple[np.ndarray, np.ndarray, float, int] | None) -> Winner | None:
-        """Apply the previous step's pick, then return this shard's canonical best."""
-        self.apply(pick)
-        return self.shard.best()
-
-    def exact(self, index: int) -> Winner | None:
-        """Canonical values of row ``index`` if this shard holds it, else None."""
-        return self.shard.exact(index) if self.shard.local(index) is not None else None
-
-    def refreshed(self) -> int:
-        return self.shard.refreshed
+    def call(self, method: str, *args: Any, **kw: Any) -> Any:
+        return getattr(self.worker, method)(*args, **kw)
 
 
-class RayShards:
-    """The driver side: a :class:`~spice_ray.select.greedy.ShardGroup` over :class:`ShardActor`\\ s."""
-
-    def __init__(self, actors: list[Any], sizes: list[int]) -> None:
-        self.actors = actors
-        self.n = int(sum(sizes))
-        self.pending: tuple[np.ndarray, np.ndarray, float, int] | None = None
-
-    def best(self) -> Winner | None:
-        winners = ray.get([a.step.remote(self.pending) for a in self.actors])
-        self.pending = None
-        best: Winner | None = None
-        for w in winners:
-            if w is not None and w.beats(best):
-                best = w
-        return best
-
-    def exact(self, index: int) -> Winner:
-        if self.pending is not None:
-            ray.get([a.apply.remote(self.pending) for a in self.actors])
-            self.pending = None
-        for w in ray.get([a.exact.remote(index) for a in self.actors]):
-            if w is not None:
-                return w
-        raise KeyError(f"row {index} is in no shard")
-
-    def update(self, w: Winner) -> None:
-        self.pending = (w.u, w.g, w.q, w.index)
-
-    @property
-    def refreshed(self) -> int:
-        return int(sum(ray.get([a.refreshed.remote() for a in self.actors])))
-
-
-def _bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
-    n_shards = max(1, min(int(n_shards), max(n, 1)))
-    edges = [round(i * n / n_shards) for i in range(n_shards + 1)]
-    return [(edges[i], edges[i + 1]) for i in range(n_shards)]
+def _ray_call(actors: list[Any]) -> Any:
+    return lambda method, *args, **kw: ray.get([a.call.remote(method, *args, **kw) for a in actors])
 
 
 def select_sharded(
@@ -125,11 +67,14 @@ def select_sharded(
     *,
     n_shards: int,
     method: str = "spice",
-    alpha: float = 1.0,
+    alpha: float | str = 1.0,
     lam: float = 0.1,
     omega: float | None = None,
     lazy: bool | None = None,
     device: str | None = "numpy",
+    scale: str = "none",
+    loss_tokens: np.ndarray | None = None,
+    groups: np.ndarray | None = None,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     checkpoint_dir: str | None = None,
@@ -137,69 +82,75 @@ def select_sharded(
     diagnostics: bool = True,
     progress: bool = False,
 ) -> tuple[Selection, np.ndarray | None]:
-    """SPICE (or log-det) over ``n_shards`` Ray shard actors; the picks equal :func:`select`'s.
+    """SPICE (or log-det) over ``n_shards`` Ray shard actors; the picks equal :func:`select`'s on the
+    same prepared sketches (``scale``, ``alpha="auto"``, per-group quotas: as the single worker).
 
     ``sketches``: an (N, d) array (each shard gets its slice through the object store) or a sketch
-    parquet path (each shard reads its own uid range; the driver reads only the uids). Returns the
-    selection and, for a path, the sorted uids the indices refer to. Ray must be initialised.
+    parquet path (each shard reads its own uid range; the driver reads only the uids). ``loss_tokens``
+    (uid order): for ``scale=tokens|sqrt_tokens`` (read from the parquet when None); ``groups``: a
+    label per row (uid order) for per-group quotas. Returns the selection and, for a path, the sorted
+    uids the indices refer to. Ray must be initialised.
     """
-    if method not in ("spice", "logdet"):
+    if method not in SHARDABLE:
         raise ValueError(f"sharded selection runs the greedy methods spice | logdet, not {method!r}")
-    lam_eff = 0.0 if method == "logdet" else float(lam)
     use_lazy = (device in (None, "numpy")) if lazy is None else bool(lazy)
     uids = None
     if isinstance(sketches, str):
         uids = read_sketch_uids(sketches)
         n = len(uids)
+        if scale in ("tokens", "sqrt_tokens") and loss_tokens is None:
+            loss_tokens = read_sketch_column(sketches, "n_loss_tokens")
     else:
         G = np.ascontiguousarray(np.asarray(sketches))
         n = G.shape[0]
-    k_eff = min(int(k), n)
-    bounds = _bounds(n, n_shards)
+    factors = token_factors(loss_tokens, scale) if scale in ("tokens", "sqrt_tokens") else None
+    bounds = shard_bounds(n, n_shards)
     actors = []
+    actor_cls = ShardActor.options(num_cpus=num_cpus, num_gpus=num_gpus)
     for lo, hi in bounds:
-        opts = dict(alpha=alpha, lam=lam_eff, max_updates=k_eff, lazy=use_lazy, device=device, offset=lo)
-        actor_cls = ShardActor.options(num_cpus=num_cpus, num_gpus=num_gpus)
+        opts = dict(offset=lo, scale=scale, factors=None if factors is None else factors[lo:hi],
+                    groups=None if groups is None else np.asarray(groups, dtype=object)[lo:hi])
         if uids is not None:
             uid_range = (None if lo == 0 else str(uids[lo]), None if hi >= n else str(uids[hi]))
             actors.append(actor_cls.remote(str(sketches), uid_range=uid_range, **opts))
         else:
             actors.append(actor_cls.remote(ray.put(G[lo:hi]), **opts))
     try:
-        infos = ray.get([a.info.remote() for a in actors])
-        sizes = [i["n"] for i in infos]
+        call = _ray_call(actors)
+        sizes = [i["n"] for i in call("info")]
         if [hi - lo for lo, hi in bounds] != sizes:
             raise RuntimeError(f"shard sizes {sizes} do not match the planned slices {bounds}")
-        ckpt = None
-        if checkpoint_dir is not None:
-            if uids is not None:
-                data = hashlib.sha256("\n".join(map(str, uids)).encode()).hexdigest()
-            else:
-                data = fingerprint_data(G, row_norms_sq(G))
-            fp = {"method": method, "n": n, "d": infos[0]["d"] if infos else 0, "k": k_eff, "alpha": float(alpha),
-                  "lam": lam_eff, "omega": omega, "seed": None, "pool_size": None, "data": data}
-            ckpt = PickCheckpoint(checkpoint_dir, fp)
-        group = RayShards(actors, sizes)
-        sel = select_shards(
-            group, k_eff, alpha=alpha, lam=lam_eff, omega=omega, method=method, checkpoint=ckpt,
+        if uids is not None:
+            data = hashlib.sha256("\n".join(map(str, uids)).encode()).hexdigest()
+        else:
+            data = fingerprint_data(G, row_norms_sq(G))
+        sel = select_over_workers(
+            call, k, method=method, alpha=alpha, lam=lam, omega=omega, lazy=use_lazy, device=device,
+            groups=groups, checkpoint_fp={"data": data, "scale": scale}, checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every, diagnostics=diagnostics, progress=progress,
         )
-        sel.k_requested = int(k)
-        sel.params.update(lazy=use_lazy, device=device, shards=len(actors), d=infos[0]["d"] if infos else 0)
-        sel.stats.update(shards=len(actors), scored=group.refreshed, lazy=use_lazy)
         return sel, uids
     finally:
         for a in actors:
             ray.kill(a)
 
 
-def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[str, Any]:
-    """The select stage over ``select.shards`` shard actors; the driver writes the outputs."""
+def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_path: str | None = None) -> dict[str, Any]:
+    """The select stage over ``select.shards`` shard actors; the driver writes the outputs.
+
+    The same preparation as :func:`~spice_ray.select.stage.select_to_dir` (scaling, α, quotas), done
+    by the shards on their rows with the driver's global token factors and median.
+    """
+    from spice_ray.select.io import read_record_sources
     from spice_ray.select.stage import checkpoint_dir, write_selection
 
     t0 = time.perf_counter()
-    n = len(read_sketch_uids(str(sketches_path)))
-    sel, uids = select_sharded(
+    uids = read_sketch_uids(str(sketches_path))
+    n = len(uids)
+    if cfg.quota == "source" and records_path is None:
+        raise ValueError("select.quota=source needs the records (their source column)")
+    groups = read_record_sources(records_path, uids) if cfg.quota == "source" else None
+    sel, got = select_sharded(
         str(sketches_path),
         cfg.budget(n),
         n_shards=cfg.shards,
@@ -209,17 +160,24 @@ def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig) -> dict[str
         omega=cfg.omega,
         lazy=cfg.lazy,
         device=cfg.device or ("cuda" if cfg.num_gpus > 0 else "numpy"),
+        scale=cfg.scale,
+        groups=groups,
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
         checkpoint_dir=checkpoint_dir(out_dir),
         checkpoint_every=cfg.checkpoint_every,
     )
-    assert uids is not None
+    assert got is not None
     summary = sel.summary() | {
         "dim": int(sel.params.get("d", 0)),
         "seed": int(cfg.seed),
+        "scale": cfg.scale,
+        "quota": cfg.quota,
+        "alpha_setting": cfg.alpha,
         "sketches": str(sketches_path),
         "select_seconds": round(time.perf_counter() - t0, 4),
     }
-    write_selection(out_dir, uids, sel, summary)
+    if groups is not None:
+        summary["quotas"] = dict(sorted(Counter(groups[sel.indices].tolist()).items()))
+    write_selection(out_dir, got, sel, summary)
     return summary

@@ -127,15 +127,20 @@ def select_to_dir(
 def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, executor: Any, records_path: str | None = None) -> dict[str, Any]:
     """The select stage: :func:`select_to_dir` as one unit of work of ``executor`` (a GPU eager
     pass when it gets a GPU), or over ``select.shards`` Ray shard actors for sketch sets larger
-    than one machine's memory."""
+    than one machine's memory (any scale, α and quota; the same picks). Sharding needs the ray
+    executor and a greedy method (spice | logdet); otherwise a warning says which and one worker
+    selects."""
     from spice_ray.executor import Resources
 
     resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
-    if cfg.shards > 1 and cfg.method in ("spice", "logdet") and executor.name == "ray" and cfg.quota == "none" and cfg.scale == "none":
-        from spice_ray.select.ray_shards import run_sharded
-
-        return run_sharded(sketches_path, out_dir, cfg)
     if cfg.shards > 1:
-        log.warning("select.shards=%d needs the ray executor and method spice/logdet; selecting in one worker", cfg.shards)
+        from spice_ray.select.sharding import refusal
+
+        why = refusal(cfg.method, executor.name)
+        if why is None:
+            from spice_ray.select.ray_shards import run_sharded
+
+            return run_sharded(sketches_path, out_dir, cfg, records_path=records_path)
+        log.warning("select.shards=%d not used: %s; selecting in one worker", cfg.shards, why)
     device = cfg.device or ("cuda" if executor.gpus(resources) > 0 else "numpy")
     return executor.call(select_to_dir, str(sketches_path), str(out_dir), cfg, device=device, records_path=records_path, resources=resources)

@@ -236,7 +236,10 @@ class SelectedState:
         for un in (unit, U64):  # the approximation and the canonical value
             gm = gamma(d + 2, un)
             out += 2.0 * gm * math.sqrt(S) + gm * gm * S
-        out += (self.t + 2 * d + 16) * d * U64  # float64 accumulation and stored-state drift
+        # Float64 accumulation, and the stored M⁻¹'s drift: each rank-1 update rounds every entry
+        # by ≤ u·(|M⁻¹_ab| + 2|c u_a u_b|), a matrix of 2-norm ≤ its Frobenius norm ≤ u(√d + 2), so
+        # after t updates ‖E‖₂ ≤ t(√d + 2)u (not t·d·u, the entrywise bound).
+        out += (self.t * (math.sqrt(d) + 4.0) + (2 * d + 16) * d) * U64
         return 4.0 * out
 
     def conflict_margin(self, unit: float) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -70,3 +71,28 @@ def test_ray_shard_actors_equal_single(ray_session, tmp_path) -> None:
     # resume: the checkpoint holds all 20 picks; a rerun replays them and ends the same
     again, _ = select_sharded(str(tmp_path), 20, n_shards=2, lam=0.3, num_cpus=0.5, checkpoint_dir=str(tmp_path / "ck"))
     assert again.indices.tolist() == single.indices.tolist() and again.stats["replayed"] == 20
+
+
+def test_sharded_stage_default_config_equals_one_worker(ray_executor, tmp_path) -> None:
+    """``select.shards=2`` with the default config (scale=tokens, α auto) runs on shard actors and
+    picks what one worker picks."""
+    from spice_ray.config import SelectConfig
+    from spice_ray.select.stage import run_select_stage
+
+    rng = np.random.default_rng(4)
+    n = 160
+    G = select_problem(7, n=n, d=12).astype(np.float32)
+    tokens = rng.integers(3, 300, size=n)
+    uids = [f"{rng.integers(1 << 60):016x}" for _ in range(n)]
+    sketches = tmp_path / "sketches"
+    sketches.mkdir()
+    write_sketches(sketches / "part-0.parquet", uids, G)
+    table = pq.read_table(sketches / "part-0.parquet")
+    pq.write_table(table.append_column("n_loss_tokens", pa.array(tokens, type=pa.int32())), sketches / "part-0.parquet")
+    one = run_select_stage(str(sketches), str(tmp_path / "one"), SelectConfig(fraction=0.15), ray_executor)
+    cfg = SelectConfig(fraction=0.15, shards=2, num_cpus=0.5)
+    assert cfg.scale == "tokens" and cfg.alpha == "auto"
+    two = run_select_stage(str(sketches), str(tmp_path / "two"), cfg, ray_executor)
+    assert two["engine"]["shards"] == 2 and two["alpha"] == one["alpha"]
+    picks = [pq.read_table(tmp_path / d / "selection.parquet").column("uid").to_pylist() for d in ("one", "two")]
+    assert picks[0] == picks[1] and len(picks[0]) == 24

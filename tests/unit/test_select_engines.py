@@ -180,6 +180,28 @@ def test_lazy_scores_fewer_rows_than_eager() -> None:
     assert lazy.stats["scored"] < eager.stats["scored"] / 5
 
 
+@pytest.mark.parametrize("size,grow_below", [(4, 0), (8, 64), (64, 4)])
+def test_lazy_frontier_rebuilds_keep_eager_picks(size: int, grow_below: int) -> None:
+    """A frontier far smaller than N, rebuilt many times (growing, or never): the picks stay the eager
+    engine's, with conflicts active (λ = 0.3), duplicates, zero rows and ties."""
+    from spice_ray.select.engines import LazyEngine
+
+    for seed, (n, d, k) in enumerate(((600, 8, 120), (400, 24, 200), (300, 6, 300))):
+        G = sketch_like(seed, n=n, d=d, dup=8, zeros=3)
+        G[: n // 4] += 0.5 * G[0]  # a shared direction in a quarter of the rows: real conflicts
+        eager = select(G, k, lam=0.3, alpha=0.7, lazy=False).indices.tolist()
+        shard = CandidateShard(G, alpha=0.7, lam=0.3, max_updates=k, lazy=True)
+        shard.engine = LazyEngine(shard.G, shard.indices, shard.state, size=size, grow_below=grow_below)
+        picks = []
+        for _ in range(k):
+            w = shard.best()
+            picks.append(w.index)
+            shard.update(w.u, w.g, w.q, w.index)
+        assert picks == eager
+        assert shard.best() is None or k < n
+        assert shard.engine.rebuilds > 1
+
+
 # ------------------------------------------------------------------------------------------- shards
 @pytest.mark.parametrize("n_shards", [2, 3])
 def test_local_shards_equal_single(n_shards: int) -> None:

@@ -128,3 +128,48 @@ def test_holdout_split_is_stable_disjoint_and_proportional() -> None:
         assert members <= set(again.tables[name].column("uid").to_pylist())
     other_seed = split_records(table, seed=1, validation=0.05, test=0.1, pool_fraction=0.5)
     assert set(other_seed.tables["test"].column("uid").to_pylist()) != parts["test"]
+
+
+# ----------------------------------------------------------------------------- sharded preparation
+@pytest.mark.parametrize(
+    "scale,alpha,quota,method,lazy",
+    [
+        ("tokens", "auto", False, "spice", True),  # the default config
+        ("sqrt_tokens", "auto", True, "spice", True),
+        ("unit", 0.7, True, "logdet", False),
+        ("none", "auto", False, "spice", False),
+    ],
+)
+def test_sharded_workers_pick_as_one_worker(scale: str, alpha: float | str, quota: bool, method: str, lazy: bool) -> None:
+    """The Ray shard actors' logic in-process: each worker scales its slice (global token factors),
+    α auto comes from all workers' norms, quotas count per source across workers — the picks, gains
+    and α are the single worker's (:func:`select_to_dir`'s preparation) on the same sketches."""
+    from spice_ray.select.sharding import local_call, local_workers, select_over_workers
+
+    rng = np.random.default_rng(3)
+    G = _problem(n=301, d=10, seed=3)
+    G[:70] += 0.6 * G[0]  # a shared direction: conflicts matter
+    tokens = rng.integers(5, 400, size=len(G))
+    groups = np.asarray([["web", "code", "chat"][i % 3] for i in range(len(G))], dtype=object) if quota else None
+    k = 45
+    scaled = scale_sketches(G, tokens, scale)
+    single = select(scaled, k, method=method, alpha=resolve_alpha(scaled, alpha), lam=0.3, lazy=lazy, groups=groups)
+    for n_shards in (2, 3):
+        workers = local_workers(G, n_shards, scale=scale, loss_tokens=tokens, groups=groups)
+        sel = select_over_workers(
+            local_call(workers), k, method=method, alpha=alpha, lam=0.3, lazy=lazy, groups=groups
+        )
+        assert sel.indices.tolist() == single.indices.tolist()
+        assert np.array_equal(sel.gains, single.gains) and sel.params["alpha"] == single.params["alpha"]
+        assert sel.stats["shards"] == n_shards
+    if groups is not None:
+        assert Counter(groups[sel.indices].tolist()) == {"web": 15, "code": 15, "chat": 15}
+
+
+def test_shard_refusals_say_why() -> None:
+    from spice_ray.select.sharding import refusal
+
+    assert refusal("spice", "ray") is None and refusal("logdet", "ray") is None
+    assert "ray executor" in refusal("spice", "local")
+    assert "windowed" in refusal("windowed", "ray")
+    assert "fixed order" in refusal("random", "ray")
