@@ -185,10 +185,11 @@ class SketchConfig(_Section):
 class SelectConfig(_Section):
     """Greedy selection over the sketches."""
 
-    method: Literal["spice", "logdet", "random", "gradnorm", "less", "windowed"] = Field(
+    method: Literal["spice", "logdet", "random", "gradnorm", "longest", "less", "windowed"] = Field(
         "spice",
-        description="spice | logdet (λ = 0) | random | gradnorm (top-k ‖g‖) | less (top-k cosine to "
-        "`target`) | windowed (SPICE in pools of `pool_size`, as the paper's code).",
+        description="spice | logdet (λ = 0) | random | gradnorm (top-k ‖g‖) | longest (top-k by loss tokens: no "
+        "gradient, the cheap baseline) | less (top-k cosine to `target`) | windowed (SPICE in pools of `pool_size`, as "
+        "the paper's code).",
     )
     fraction: float | None = Field(0.1, gt=0, le=1, description="Budget as a fraction of the records.")
     k: int | None = Field(None, gt=0, description="Budget as a count; overrides fraction when set.")

@@ -39,7 +39,7 @@ from spice_ray.select.state import SelectedState, Winner
 
 log = logging.getLogger(__name__)
 
-METHODS = ("spice", "logdet", "random", "gradnorm", "less", "windowed")
+METHODS = ("spice", "logdet", "random", "gradnorm", "longest", "less", "windowed")
 GREEDY_METHODS = ("spice", "logdet", "windowed")
 STOP_REASONS = ("budget", "exhausted", "early_stop")
 DEFAULT_POOL_SIZE = 10_000
@@ -331,12 +331,17 @@ def build_selection(
     )
 
 
-def _fixed_order(method: str, G: np.ndarray, k: int, norm_sq: np.ndarray, seed: int, target: np.ndarray | None) -> np.ndarray:
+def _fixed_order(method: str, G: np.ndarray, k: int, norm_sq: np.ndarray, seed: int, target: np.ndarray | None,
+                 lengths: np.ndarray | None = None) -> np.ndarray:
     n = G.shape[0]
     if method == "random":
         return np.random.default_rng(seed).permutation(n)[:k].astype(np.int64)
     if method == "gradnorm":  # largest norm first, ties by index (stable sort of −‖g‖)
         return np.argsort(-norm_sq, kind="stable")[:k].astype(np.int64)
+    if method == "longest":  # most loss tokens first, ties by index; the sketches are not looked at
+        if lengths is None or len(lengths) != n:
+            raise ValueError("method 'longest' needs each row's loss tokens (lengths=, n values)")
+        return np.argsort(-np.asarray(lengths, dtype=np.float64), kind="stable")[:k].astype(np.int64)
     # less: top-k cosine to the target set's mean sketch, ties by index
     if target is None:
         raise ValueError("method 'less' needs target sketches (target=(M, d) array)")
@@ -379,12 +384,14 @@ def select(
     on_step: Callable[[int, int], None] | None = None,
     diagnostics: bool = True,
     groups: np.ndarray | None = None,
+    lengths: np.ndarray | None = None,
 ) -> Selection:
     """Select up to ``k`` rows of ``sketches`` (N, d) by ``method``; the library entry point.
 
     Methods: ``spice`` (greedy ``argmax Δ − λ c``), ``logdet`` (the same with λ = 0), ``windowed``
     (SPICE on the paper's windowed schedule, below), ``random`` (a seeded permutation),
-    ``gradnorm`` (top-k by ‖g_i‖) and ``less`` (top-k cosine to the mean of ``target``, an (M, d)
+    ``gradnorm`` (top-k by ‖g_i‖), ``longest`` (top-k by ``lengths``, each row's loss tokens: the
+    baseline that needs no gradient) and ``less`` (top-k cosine to the mean of ``target``, an (M, d)
     array of target-set sketches). Ties go to the smallest row index, so callers sort rows by uid
     first. ``omega`` (greedy methods only) stops before the first pick whose gain is ≤ ω × the
     first gain. Every method reports the same trace (gains, conflicts, scores with the given λ,
@@ -477,7 +484,7 @@ def select(
         elif method == "windowed":
             early, refreshed = _windowed(G, k_eff, alpha, lam_eff, omega, seed, params["pool_size"], use_lazy, dev, rec, forced)
         else:
-            order = _fixed_order(method, G, n if groups is not None else k_eff, norm_sq, seed, target)
+            order = _fixed_order(method, G, n if groups is not None else k_eff, norm_sq, seed, target, lengths)
             if groups is not None:
                 order = fixed_order_with_quotas(order, groups, k_eff)
             state = SelectedState(d, len(order), alpha, lam_eff)

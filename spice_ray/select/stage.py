@@ -83,7 +83,8 @@ def select_to_dir(
     uids, G = read_sketches(sketches_path)
     n, d = G.shape
     target = read_target(cfg.target, uids, G) if cfg.target else None
-    loss_tokens = read_sketch_column(sketches_path, "n_loss_tokens") if cfg.scale in ("tokens", "sqrt_tokens") else None
+    wants_tokens = cfg.scale in ("tokens", "sqrt_tokens") or cfg.method == "longest"
+    loss_tokens = read_sketch_column(sketches_path, "n_loss_tokens") if wants_tokens else None
     G = scale_sketches(G, loss_tokens, cfg.scale)
     alpha = resolve_alpha(G, cfg.alpha)
     if cfg.quota == "source" and records_path is None:
@@ -105,6 +106,7 @@ def select_to_dir(
         checkpoint_dir=checkpoint_dir(out_dir),
         checkpoint_every=cfg.checkpoint_every,
         groups=groups,
+        lengths=loss_tokens,
     )
     if len(sel) > 1:
         sel.diagnostics.update(candidate_diagnostics(G, sel.indices, sel.gains, alpha))

@@ -181,6 +181,17 @@ def test_gradnorm_picks_largest_norms() -> None:
     assert norms[sel.indices].min() >= np.delete(norms, sel.indices).max()
 
 
+def test_longest_picks_most_loss_tokens_without_looking_at_gradients() -> None:
+    G = select_problem(1, n=30)
+    lengths = np.array([5, 40, 7, 40, 1] * 6)
+    sel = select(G, 7, method="longest", lengths=lengths)
+    assert sel.indices.tolist() == [1, 3, 6, 8, 11, 13, 16]  # 40s first, ties by index
+    assert select(G[::-1].copy(), 7, method="longest", lengths=lengths).indices.tolist() == sel.indices.tolist()
+    assert len(sel.gains) == 7 and np.isfinite(sel.logdets).all()  # the same trace as every method
+    with pytest.raises(ValueError, match="loss tokens"):
+        select(G, 7, method="longest")
+
+
 def test_zero_rows_do_not_produce_nan() -> None:
     G = select_problem(2, n=20, d=5)
     G[[0, 3, 7]] = 0.0
