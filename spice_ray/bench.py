@@ -54,6 +54,9 @@ class Arm(_Section):
     select: dict[str, Any] = Field(default_factory=dict, description="select.* settings of this arm.")
     fraction: float | None = Field(None, gt=0, le=1, description="This arm's budget (e.g. 1.0 for full data); None: bench.fractions.")
     seeds: list[int] | None = Field(None, min_length=1, description="This arm's seeds (e.g. one for the full-data arm); None: bench.seeds.")
+    match_tokens: str | None = Field(
+        None, description="Select as many loss tokens as this other arm's cell of the same budget and seed did "
+        "(select.budget=tokens, k = its tokens): e.g. random at SPICE's token count.")
 
 
 class BenchSection(_Section):
@@ -180,13 +183,23 @@ class Bench:
         return result
 
     def cell(self, arm: Arm, fraction: float, seed: int) -> dict[str, Any]:
-        select = SelectConfig.model_validate(self.cfg.select.model_dump() | arm.select | {"fraction": fraction, "k": None, "seed": seed})
+        budget: dict[str, Any] = {"fraction": fraction, "k": None}
+        if arm.match_tokens:  # the other arm's cell first: its tokens are this cell's budget
+            other = self.cell(self.arm(arm.match_tokens), fraction, seed)
+            budget = {"budget": "tokens", "fraction": None, "k": other["selection"]["loss_tokens"]}
+        select = SelectConfig.model_validate(self.cfg.select.model_dump() | arm.select | budget | {"seed": seed})
         cfg = self.cfg.model_copy(deep=True)
         cfg.select, cfg.train.seed = select, seed
         rel = f"bench/cells/{arm.name}/{_budget_name(fraction)}/s{seed}"
         key_data = {"inputs": self.inputs_key, "select": select.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
                     "model": cfg.model.model_dump(mode="json"), "max_tokens": cfg.corpus.max_tokens, "splits": self.bench.splits}
         return self._cached(rel, key_data, lambda out: self._run_cell(cfg, arm, fraction, seed, out))
+
+    def arm(self, name: str) -> Arm:
+        found = [a for a in self.bench.arms if a.name == name]
+        if not found:
+            raise ConfigError(f"bench: match_tokens names {name!r}, which is not one of the arms")
+        return found[0]
 
     def _run_cell(self, cfg: Config, arm: Arm, fraction: float, seed: int, rel: str) -> dict[str, Any]:
         import pyarrow.parquet as pq
@@ -202,7 +215,8 @@ class Bench:
                                 model_path=self.models["target"], tokenizer_path=self.models["tokenizer"],
                                 out_dir=self.store.uri(f"{rel}/train"), max_tokens=cfg.corpus.max_tokens)
         result = {"arm": arm.name, "fraction": fraction, "seed": seed, "k": summary["k_selected"],
-                  "selection": {k: summary.get(k) for k in ("method", "alpha", "lam", "scale", "quota", "logdet", "mean_conflict")},
+                  "selection": {k: summary.get(k) for k in ("method", "alpha", "lam", "scale", "quota", "logdet", "mean_conflict",
+                                                            "loss_tokens", "budget")},
                   "source_mix": self._source_mix(pq.read_table(selection, columns=["uid"]).column("uid").to_pylist()),
                   "train": {k: train.get(k) for k in ("steps", "tokens", "loss", "n_train_rows")},
                   "eval": self.eval_model(train["model"])}
@@ -374,6 +388,9 @@ def run_bench(cfg: Config, bench: BenchSection, executor: Executor | None = None
     """Run (or resume) every cell, write ``bench/results.json``, ``results.md`` and ``index.html``; the summary."""
     if bench.baseline not in {a.name for a in bench.arms}:
         raise ConfigError(f"bench.baseline {bench.baseline!r} is not one of the arms")
+    unknown = [a.match_tokens for a in bench.arms if a.match_tokens and a.match_tokens not in {b.name for b in bench.arms}]
+    if unknown:
+        raise ConfigError(f"bench: match_tokens names {unknown[0]!r}, which is not one of the arms")
     executor = executor or make_executor(cfg.run.executor, address=cfg.run.ray_address)
     state = Bench(cfg, bench, executor)
     base = state.base()

@@ -191,8 +191,14 @@ class SelectConfig(_Section):
         "gradient, the cheap baseline) | less (top-k cosine to `target`) | windowed (SPICE in pools of `pool_size`, as "
         "the paper's code).",
     )
-    fraction: float | None = Field(0.1, gt=0, le=1, description="Budget as a fraction of the records.")
-    k: int | None = Field(None, gt=0, description="Budget as a count; overrides fraction when set.")
+    fraction: float | None = Field(0.1, gt=0, le=1, description="Budget as a fraction of the records (of their loss tokens with budget: tokens).")
+    k: int | None = Field(None, gt=0, description="Budget as a count of records (of loss tokens with budget: tokens); overrides fraction when set.")
+    budget: Literal["records", "tokens"] = Field(
+        "records",
+        description="What fraction / k count: records, or loss tokens (what a GPU hour buys). Under tokens spice/logdet run "
+        "the per-token and the unit-cost greedy to the budget and keep the larger objective; numpy, one worker; not with "
+        "quotas, windowed or omega.",
+    )
     alpha: float | Literal["auto"] = Field(
         "auto", description="α in log det(I + α Σ g gᵀ); auto: 1 / median ‖g‖² of the (scaled) sketches, so a typical "
         "candidate's first gain is log 2 whatever the loss scale. The paper: 1.0."
@@ -230,8 +236,15 @@ class SelectConfig(_Section):
     num_cpus: float = Field(0.5, gt=0, description="CPUs of the selector actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the selector actor.")
 
-    def budget(self, n: int) -> int:
-        """The number of records to select out of ``n``."""
+    def max_tokens(self, total: int) -> int:
+        """``budget: tokens``: the loss tokens the picks may hold, of ``total`` in the pool."""
+        if self.k is not None:
+            return min(self.k, total)
+        assert self.fraction is not None
+        return min(total, round(self.fraction * total))
+
+    def max_records(self, n: int) -> int:
+        """The number of records to select out of ``n`` (``budget: records``)."""
         if self.k is not None:
             return min(self.k, n)
         assert self.fraction is not None
@@ -243,6 +256,12 @@ class SelectConfig(_Section):
             raise ValueError(f"select.alpha must be > 0 or 'auto', got {self.alpha}")
         if self.k is None and self.fraction is None:
             raise ValueError("set select.fraction or select.k")
+        if self.budget == "tokens":
+            refused = [name for name, on in (("quota: source", self.quota != "none"), ("method: windowed", self.method == "windowed"),
+                                             ("omega", self.omega is not None), (f"device: {self.device}", self.device not in (None, "numpy")))
+                       if on]
+            if refused:
+                raise ValueError(f"select.budget=tokens does not combine with {', '.join(refused)}")
         if self.method == "less" and not self.target:
             raise ValueError("select.method=less needs select.target (a uid list or target sketches)")
         return self

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from spice_ray.select.budget import as_costs, budget_greedy, fit_in_order
 from spice_ray.select.device_engine import DeviceGreedy
 from spice_ray.select.diagnostics import diagnose
 from spice_ray.select.engines import CandidateShard, _resolve_device, row_norms_sq
@@ -90,6 +91,7 @@ class Selection:
             "alpha": float(self.params["alpha"]),
             "lam": float(self.params["lam"]),
             "omega": None if self.params.get("omega") is None else float(self.params["omega"]),
+            "budget": self.params.get("budget"),
             "diagnostics": dict(self.diagnostics),
             "engine": dict(self.stats),
         }
@@ -385,6 +387,8 @@ def select(
     diagnostics: bool = True,
     groups: np.ndarray | None = None,
     lengths: np.ndarray | None = None,
+    costs: np.ndarray | None = None,
+    max_cost: float | None = None,
 ) -> Selection:
     """Select up to ``k`` rows of ``sketches`` (N, d) by ``method``; the library entry point.
 
@@ -416,6 +420,11 @@ def select(
     Spearman and curvature (O(k·d²); see :mod:`spice_ray.select.diagnostics`). ``groups``: a label
     per row (e.g. its source); each group gets its share of ``k`` by largest remainder and the method
     picks within it (:mod:`spice_ray.select.quota`; not with ``windowed``).
+
+    ``max_cost``: a budget in ``costs`` (each row's loss tokens) instead of ``k`` rows
+    (:mod:`spice_ray.select.budget`): fixed orders keep the rows that fit in their order; spice and
+    logdet run the per-token and the unit-cost greedy and keep the larger objective. numpy only; not
+    with quotas, ``windowed``, ``omega`` or a checkpoint (a budgeted run of a pool is seconds).
     """
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; expected one of {', '.join(METHODS)}")
@@ -431,10 +440,13 @@ def select(
         raise ValueError(f"pool_size must be > 0, got {pool_size}")
     G = _as_matrix(sketches)
     n, d = G.shape
+    if max_cost is not None:
+        _check_budget(method, n, costs, max_cost, groups, omega, device)
+        k, checkpoint_dir = n, None  # the budget, not k, ends the run
     k_eff = min(int(k), n)
     lam_eff = 0.0 if method == "logdet" else float(lam)
     greedy = method in GREEDY_METHODS
-    dev = _resolve_device(device) if greedy else "numpy"
+    dev = _resolve_device(device) if greedy and max_cost is None else "numpy"
     use_lazy = (dev == "numpy") if lazy is None else bool(lazy)
     params: dict[str, Any] = {"alpha": float(alpha), "lam": lam_eff, "omega": omega, "seed": int(seed)}
     if method == "windowed":
@@ -469,7 +481,11 @@ def select(
             raise ValueError("per-group quotas and the windowed schedule do not combine")
         params["quota"] = "groups"
     try:
-        if groups is not None and method in ("spice", "logdet"):
+        if max_cost is not None:
+            order, engine_stats = _within_budget(method, G, as_costs(costs, n), max_cost, alpha, lam_eff, norm_sq, seed, target, lengths)
+            params["budget"] = {"max_cost": float(max_cost), **engine_stats}
+            _replay(order, G, alpha, lam_eff, rec)
+        elif groups is not None and method in ("spice", "logdet"):
             early, refreshed = _with_quotas(G, k_eff, groups, alpha, lam_eff, omega, use_lazy, dev, rec, forced)
         elif method in ("spice", "logdet") and not use_lazy and dev != "numpy":
             engine = DeviceGreedy(G, alpha=alpha, lam=lam_eff, max_updates=k_eff, device=dev)
@@ -487,11 +503,7 @@ def select(
             order = _fixed_order(method, G, n if groups is not None else k_eff, norm_sq, seed, target, lengths)
             if groups is not None:
                 order = fixed_order_with_quotas(order, groups, k_eff)
-            state = SelectedState(d, len(order), alpha, lam_eff)
-            for i in order.tolist():
-                w = state.winner(G[[i]].astype(np.float64), np.array([i]))
-                rec.record(w)
-                state.add(w.u, w.g, w.q)
+            _replay(order, G, alpha, lam_eff, rec)
         if forced:
             raise ValueError(f"checkpoint has {len(forced)} picks that do not fit this run")
         if ckpt is not None:
@@ -500,7 +512,7 @@ def select(
         bar.close()
     elapsed = time.perf_counter() - t0
     stats = {"seconds": round(elapsed, 4), "replayed": replayed}
-    if greedy:
+    if greedy and max_cost is None:
         stats.update(lazy=use_lazy, device=params["device"], scored=int(refreshed), **engine_stats)
     sel = build_selection(
         rec, method=method, params=params, n=n, k_requested=int(k), k_eff=k_eff, early=early,
@@ -511,6 +523,39 @@ def select(
         method, len(sel), n, d, elapsed, sel.logdet, sel.stop_reason,
     )
     return sel
+
+
+def _replay(order: np.ndarray, G: np.ndarray, alpha: float, lam: float, rec: Recorder) -> None:
+    """Record picks made in a fixed order with their canonical values (the same trace as a greedy)."""
+    state = SelectedState(G.shape[1], max(1, len(order)), alpha, lam)
+    for i in np.asarray(order).tolist():
+        w = state.winner(G[[i]].astype(np.float64), np.array([i]))
+        rec.record(w)
+        state.add(w.u, w.g, w.q)
+
+
+def _check_budget(method: str, n: int, costs: np.ndarray | None, max_cost: float, groups: np.ndarray | None,
+                  omega: float | None, device: str | None) -> None:
+    if costs is None or len(costs) != n:
+        raise ValueError(f"a budget in tokens needs each row's cost (costs=, {n} values)")
+    if not max_cost >= 0:
+        raise ValueError(f"max_cost must be >= 0, got {max_cost}")
+    refused = {"windowed": method == "windowed", "per-group quotas": groups is not None, "omega": omega is not None,
+               f"device {device}": device not in (None, "numpy")}
+    if any(refused.values()):
+        raise ValueError(f"a budget in tokens does not combine with {', '.join(k for k, v in refused.items() if v)}")
+
+
+def _within_budget(method: str, G: np.ndarray, costs: np.ndarray, max_cost: float, alpha: float, lam: float,
+                   norm_sq: np.ndarray, seed: int, target: np.ndarray | None, lengths: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The picks within ``max_cost`` and what the budgeted run reports."""
+    if method in ("spice", "logdet"):
+        kept, other = budget_greedy(G, costs, max_cost, alpha=alpha, lam=lam)
+        stats = {"rule": kept.rule, "cost": kept.cost, "objective": kept.objective, "scored": kept.scored + other.scored,
+                 "other_rule": {"rule": other.rule, "objective": other.objective, "cost": other.cost, "k": len(other.picks)}}
+        return np.asarray(kept.picks, dtype=np.int64), stats
+    order = fit_in_order(_fixed_order(method, G, G.shape[0], norm_sq, seed, target, lengths), costs, max_cost)
+    return order, {"rule": "in order", "cost": float(costs[order].sum())}
 
 
 def _with_quotas(

@@ -152,7 +152,7 @@ def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_pat
     groups = read_record_sources(records_path, uids) if cfg.quota == "source" else None
     sel, got = select_sharded(
         str(sketches_path),
-        cfg.budget(n),
+        cfg.max_records(n),
         n_shards=cfg.shards,
         method=cfg.method,
         alpha=cfg.alpha,

@@ -83,17 +83,20 @@ def select_to_dir(
     uids, G = read_sketches(sketches_path)
     n, d = G.shape
     target = read_target(cfg.target, uids, G) if cfg.target else None
-    wants_tokens = cfg.scale in ("tokens", "sqrt_tokens") or cfg.method == "longest"
+    wants_tokens = cfg.scale in ("tokens", "sqrt_tokens") or cfg.method == "longest" or cfg.budget == "tokens"
     loss_tokens = read_sketch_column(sketches_path, "n_loss_tokens") if wants_tokens else None
     G = scale_sketches(G, loss_tokens, cfg.scale)
     alpha = resolve_alpha(G, cfg.alpha)
     if cfg.quota == "source" and records_path is None:
         raise ValueError("select.quota=source needs the records (their source column)")
     groups = read_record_sources(records_path, uids) if cfg.quota == "source" else None
+    if cfg.budget == "tokens" and loss_tokens is None:
+        raise ValueError("select.budget=tokens needs the sketches' n_loss_tokens column (sketch format 4 or later)")
+    max_cost = cfg.max_tokens(int(loss_tokens.sum())) if cfg.budget == "tokens" else None
     t_read = time.perf_counter() - t0
     sel = select(
         G,
-        cfg.budget(n),
+        cfg.max_records(n),
         method=cfg.method,
         alpha=alpha,
         lam=cfg.lam,
@@ -107,10 +110,13 @@ def select_to_dir(
         checkpoint_every=cfg.checkpoint_every,
         groups=groups,
         lengths=loss_tokens,
+        costs=loss_tokens,
+        max_cost=max_cost,
     )
     if len(sel) > 1:
         sel.diagnostics.update(candidate_diagnostics(G, sel.indices, sel.gains, alpha))
     summary = sel.summary() | {
+        "loss_tokens": None if loss_tokens is None else int(np.asarray(loss_tokens)[sel.indices].sum()),
         "dim": int(d),
         "seed": int(cfg.seed),
         "scale": cfg.scale,
@@ -138,11 +144,11 @@ def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, execut
     if cfg.shards > 1:
         from spice_ray.select.sharding import refusal
 
-        why = refusal(cfg.method, executor.name)
+        why = refusal(cfg.method, executor.name, cfg.budget)
         if why is None:
             from spice_ray.select.ray_shards import run_sharded
 
             return run_sharded(sketches_path, out_dir, cfg, records_path=records_path)
         log.warning("select.shards=%d not used: %s; selecting in one worker", cfg.shards, why)
-    device = cfg.device or ("cuda" if executor.gpus(resources) > 0 else "numpy")
+    device = cfg.device or ("cuda" if executor.gpus(resources) > 0 and cfg.budget == "records" else "numpy")
     return executor.call(select_to_dir, str(sketches_path), str(out_dir), cfg, device=device, records_path=records_path, resources=resources)

@@ -64,6 +64,34 @@ def test_bench_end_to_end_and_resume(tmp_path):
         run_bench(cfg, more, NoTraining())  # a new seed is new work
 
 
+def test_bench_at_a_token_budget(tmp_path):
+    """Arms under a budget in loss tokens: spice per token, longest, and random matched to spice's
+    tokens (match_tokens); each selection stays within its budget, the matched one within spice's."""
+    data = BENCH | {"bench": {"arms": [
+        {"name": "random", "select": {"method": "random"}},
+        {"name": "spice", "select": {"method": "spice"}},
+        {"name": "spice-tok", "select": {"method": "spice", "budget": "tokens"}},
+        {"name": "longest-tok", "select": {"method": "longest", "budget": "tokens"}},
+        {"name": "random-eqtok", "select": {"method": "random"}, "match_tokens": "spice"},
+    ], "seeds": [0], "splits": ["test"], "full": None}}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg, bench = load_bench(path, [f"run.root={tmp_path / 'root'}"])
+    summary = run_bench(cfg, bench, LocalExecutor())
+    cells = {c["arm"]: c for c in summary["cells"]}
+    spice_tokens = cells["spice"]["selection"]["loss_tokens"]
+    matched = cells["random-eqtok"]["selection"]
+    assert matched["budget"]["max_cost"] == spice_tokens >= matched["loss_tokens"] > 0.8 * spice_tokens
+    assert matched["budget"]["rule"] == "in order"
+    for arm in ("spice-tok", "longest-tok"):
+        info = cells[arm]["selection"]["budget"]
+        assert cells[arm]["selection"]["loss_tokens"] == info["cost"] <= info["max_cost"]
+    assert cells["spice-tok"]["selection"]["budget"]["rule"] in ("per-token", "unit-cost")
+    with pytest.raises(Exception, match="match_tokens"):
+        run_bench(cfg, BenchSection.model_validate(data["bench"] | {"arms": [{"name": "random"}, {"name": "x", "match_tokens": "nope"}]}),
+                  LocalExecutor())
+
+
 def test_paired_difference_and_gap_closed():
     assert paired([-0.02, -0.01, -0.03]) == pytest.approx(
         {"mean": -0.02, "sd": 0.01, "n": 3, "ci_low": -0.02 - 4.303 * 0.01 / math.sqrt(3), "ci_high": -0.02 + 4.303 * 0.01 / math.sqrt(3)})

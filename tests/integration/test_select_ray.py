@@ -31,7 +31,7 @@ def test_selector_task_matches_direct_select(ray_executor, tmp_path) -> None:
     summary = run_select_stage(str(sketches), str(out), cfg, ray_executor)
 
     order = np.argsort(uids)
-    direct = select(G[order], cfg.budget(n), method="spice", alpha=cfg.alpha, lam=cfg.lam)
+    direct = select(G[order], cfg.max_records(n), method="spice", alpha=cfg.alpha, lam=cfg.lam)
     table = pq.read_table(out / "selection.parquet")
     assert table.column_names == [
         "uid", "rank", "gain", "base", "conflict", "score", "logdet", "eps", "eps_bound"

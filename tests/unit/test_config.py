@@ -24,9 +24,9 @@ def test_defaults_and_overrides(tmp_path):
     cfg = load_config(path, ["sketch.dim=64", "select.omega=0.5", "corpus.paths=[a.jsonl, b]"])
     assert cfg.select.lam == 0.5 and cfg.sketch.dim == 64 and cfg.select.omega == 0.5
     assert cfg.corpus.paths == ["a.jsonl", "b"]
-    assert load_config(None).select.budget(1000) == 100
-    assert load_config(None, ["select.k=7"]).select.budget(1000) == 7
-    assert load_config(None, ["select.k=7"]).select.budget(5) == 5
+    assert load_config(None).select.max_records(1000) == 100
+    assert load_config(None, ["select.k=7"]).select.max_records(1000) == 7
+    assert load_config(None, ["select.k=7"]).select.max_records(5) == 5
     # the saved config round-trips
     saved = tmp_path / "saved.yaml"
     saved.write_text(dump_config(cfg))
