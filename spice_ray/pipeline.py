@@ -9,6 +9,7 @@ completion markers, manifests, content keys, one writer at a time and a record o
     <root>/train/<key>/           rows.parquet, checkpoints/, model/ (Hugging Face format), metrics
     <root>/eval/<key>/            results.json: held-out loss / perplexity, base vs fine-tuned
     <root>/cache/sketches/        the sketch cache, by sketch spec
+    <root>/cache/ingest/          the ingest cache: each corpus file's rows, by content and settings
     <root>/history/<run>/         one entry per invocation that did work: run.json, status.json,
                                   driver.log, the selection and the eval results of that run
     <root>/status.json            the latest invocation's status (machine-readable)

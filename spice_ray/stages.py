@@ -102,14 +102,20 @@ def run_models(ctx: StageContext) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- ingest
 
 
+INGEST_CACHE = "cache/ingest"
+
+
 def run_ingest(ctx: StageContext) -> dict[str, Any]:
     from spice_ray.corpus.ingest import QUARANTINE_FILE, RECORDS_FILE, ingest
+    from spice_ray.corpus.ingest_cache import IngestCache
     from spice_ray.models import load_tokenizer
     from spice_ray.storage import ensure_local
 
     models = ctx.upstream["models"]
     tokenizer = load_tokenizer(ensure_local(models["tokenizer"]), trust_remote_code=ctx.cfg.model.trust_remote_code)
-    result = ingest(ctx.cfg.corpus, tokenizer, ctx.dirs.local)  # no corpus.paths: the demo corpus
+    # Files unchanged since an earlier run (same content, name and settings) come from the cache.
+    cache = IngestCache(f"{ctx.root_uri}/{INGEST_CACHE}", models["tokenizer_fingerprint"])
+    result = ingest(ctx.cfg.corpus, tokenizer, ctx.dirs.local, cache=cache)  # no corpus.paths: the demo corpus
     out = {
         "records": f"{ctx.dirs.uri}/{RECORDS_FILE}",
         "quarantine": f"{ctx.dirs.uri}/{QUARANTINE_FILE}",
@@ -120,6 +126,8 @@ def run_ingest(ctx: StageContext) -> dict[str, Any]:
         "reasons": result.reasons,
         "sources": result.sources,
         "files": result.files,
+        "files_read": result.files_read,
+        "files_reused": result.files_reused,
         "max_tokens": result.max_tokens,  # corpus.max_tokens capped to the model's context
     }
     return out | split_holdout(ctx.cfg, ctx.dirs)
@@ -247,7 +255,14 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
 
 
 def _describe_ingest(cfg: Config, r: dict[str, Any]) -> str:
-    return f"{r['n_in']} rows in, {r['n_kept']} kept, {r['n_quarantined']} quarantined {r['reasons']}"
+    line = f"{r['n_in']} rows in, {r['n_kept']} kept, {r['n_quarantined']} quarantined {r['reasons']}"
+    if "files_read" not in r:  # a manifest written before the ingest cache
+        return line
+    return f"{line} ({r['files_reused']} {_files(r['files_reused'])} reused, {r['files_read']} read)"
+
+
+def _files(n: int) -> str:
+    return "file" if n == 1 else "files"
 
 
 def _describe_select(cfg: Config, r: dict[str, Any]) -> str:

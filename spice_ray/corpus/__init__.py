@@ -19,6 +19,7 @@ from spice_ray.corpus.ingest import (
     collect_files,
     ingest,
 )
+from spice_ray.corpus.ingest_cache import IngestCache
 from spice_ray.corpus.tokenize import (
     IGNORE_INDEX,
     PLAIN_TEMPLATE,
@@ -43,6 +44,7 @@ __all__ = [
     "RECORDS_SCHEMA",
     "EncodeError",
     "Encoded",
+    "IngestCache",
     "IngestError",
     "IngestResult",
     "RowError",

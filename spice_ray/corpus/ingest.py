@@ -69,8 +69,9 @@ tokens — with ``corpus.too_long=truncate`` only when no response token is left
 ``model_max_length``, with a one-line warning when it caps; ``IngestResult.max_tokens`` holds it),
 ``duplicate`` (same uid as an already kept row; ``detail`` names that row's
 ``file:line``) and ``duplicate_id`` (the same explicit record ``id`` as an already kept row but other
-content; ``detail`` names that row's ``file:line``). Quarantine rows appear in the order decisions are
-made (deterministic, not sorted).
+content; ``detail`` names that row's ``file:line``). Quarantine rows appear file by file, in each file
+in the order decisions are made (deterministic, not sorted: a row that cannot be a record at once, a
+row that reaches token counting — in batches of ``TOKENIZE_BATCH`` — when its batch is counted).
 
 Record ids: a row's top-level ``id`` field, when it is a non-empty string or an integer (kept as its
 decimal string, so ``7`` and ``"7"`` are the same id), is carried into the records; any other value
@@ -91,6 +92,14 @@ Output, written atomically (temporary name, then ``os.replace``) into ``out_dir`
   Parquet rows the row re-serialised as JSON), ``raw_bytes`` int64 (its full size in bytes; the file
   size for a whole-file record), ``source`` string (as for records; the file stem when the row has
   none).
+
+Incremental ingest: with an :class:`~spice_ray.corpus.ingest_cache.IngestCache` (the pipeline's is
+``<run root>/cache/ingest``) each file is read into a part, its rows before cross-file dedup, stored
+under the sha256 of its bytes, its name and the settings that decide its rows (``corpus.format``,
+``corpus.max_tokens`` and the limit applied, ``corpus.too_long``, the tokenizer's fingerprint). A file
+whose part is there is hashed but not read, parsed or tokenized again; dedup across files then runs
+over the parts in file order, so the output is byte for byte that of an ingest without a cache. A
+file that could not be read whole (``unreadable_file``) or changed while it was read is not cached.
 
 With no inputs at all (``inputs`` and ``cfg.paths`` empty) the demo corpus is generated into
 ``out_dir/demo_corpus/`` and ingested.
@@ -117,11 +126,13 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from spice_ray.config import CorpusConfig
 from spice_ray.corpus.demo import write_demo_corpus
 from spice_ray.corpus.formats import ROW_FIELDS, RowError, canonical_json, normalize_row
+from spice_ray.corpus.ingest_cache import IngestCache, part_key
 from spice_ray.corpus.tokenize import (
     EncodeError,
     count_text_tokens,
@@ -181,7 +192,8 @@ class IngestError(ValueError):
 
 @dataclass
 class IngestResult:
-    """Counts of one ingest; ``files`` has one entry per input file read (empty files included)."""
+    """Counts of one ingest; ``files`` has one entry per input file (empty files included);
+    ``files_reused`` of them came from the ingest cache, ``files_read`` were read."""
 
     n_in: int
     n_kept: int
@@ -194,6 +206,8 @@ class IngestResult:
     records_path: str
     quarantine_path: str
     seconds: float
+    files_read: int = 0
+    files_reused: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -208,6 +222,8 @@ class _FileInfo:
     kept: int = 0
     quarantined: int = 0
     blank_lines: int = 0
+    truncated: int = 0  # kept rows cut to max_tokens (corpus.too_long=truncate), duplicates included
+    reused: bool = False  # its rows came from the ingest cache
 
 
 @dataclass
@@ -231,7 +247,6 @@ class _Item:
 @dataclass
 class _Pending:
     item: _Item
-    file_index: int
     source: str
     messages: list[dict[str, str]]
     uid: str
@@ -1090,33 +1105,41 @@ def collect_files(inputs: Iterable[str | Path]) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------
 # writing
 
-
 class _AtomicParquet:
-    """A parquet file written in row groups under a temporary name, renamed into place on commit."""
+    """A parquet file written under a temporary name, renamed into place on commit. Rows come as
+    tables of any size and are written in row groups of exactly ``WRITE_BATCH`` rows (the last one
+    shorter), so the file's bytes depend only on its rows, not on how they arrived."""
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
         self.path = path
         self.schema = schema
         self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.writer = pq.ParquetWriter(self.tmp, schema)
-        self.buffer: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
         self.rows = 0
 
-    def add(self, **row: Any) -> None:
-        for name in self.schema.names:
-            self.buffer[name].append(row[name])
-        if len(self.buffer[self.schema.names[0]]) >= WRITE_BATCH:
-            self.flush()
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.n_pending += table.num_rows
+        if self.n_pending >= WRITE_BATCH:
+            self._write(whole=False)
 
-    def flush(self) -> None:
-        n = len(self.buffer[self.schema.names[0]])
-        if n:
-            self.writer.write_table(pa.Table.from_pydict(self.buffer, schema=self.schema))
-            self.rows += n
-            self.buffer = {name: [] for name in self.schema.names}
+    def _write(self, whole: bool) -> None:
+        """Write the pending rows in row groups of ``WRITE_BATCH`` (keeping a short tail unless ``whole``)."""
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        n = table.num_rows if whole else table.num_rows - table.num_rows % WRITE_BATCH
+        for start in range(0, n, WRITE_BATCH):
+            self.writer.write_table(table.slice(start, min(WRITE_BATCH, n - start)).combine_chunks())
+        rest = table.slice(n)
+        self.pending, self.n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+        self.rows += n
 
     def commit(self) -> None:
-        self.flush()
+        self._write(whole=True)
         self.writer.close()
         os.replace(self.tmp, self.path)
 
@@ -1125,7 +1148,6 @@ class _AtomicParquet:
             self.writer.close()
         finally:
             self.tmp.unlink(missing_ok=True)
-
 
 # ---------------------------------------------------------------------------------------------------
 # ingest
@@ -1161,118 +1183,254 @@ def _source(value: Any, stem: str) -> str:
     return stem
 
 
-class _Ingest:
-    """The state of one ingest run: dedup index, writers, counters."""
 
-    def __init__(self, cfg: CorpusConfig, tokenizer: Any, records: _AtomicParquet, quarantine: _AtomicParquet):
-        self.cfg = cfg
-        self.tokenizer = tokenizer
-        self.max_tokens = effective_max_tokens(cfg.max_tokens, model_context(tokenizer))
-        self.records = records
-        self.quarantine_out = quarantine
-        self.files: list[_FileInfo] = []
-        self.kept_at: dict[bytes, tuple[int, int]] = {}  # uid digest -> (file index, line)
-        self.id_at: dict[bytes, tuple[int, int]] = {}  # record id digest -> (file index, line) of the kept row
+# The rows of one file before cross-file dedup, in the order ingest decides about them: a candidate
+# record (``uid`` set; kept unless it duplicates an earlier kept row) or a quarantined row (``reason``
+# set). What the ingest cache stores per file.
+PART_SCHEMA = pa.schema(
+    [
+        ("line", pa.int64()),
+        ("source", pa.string()),
+        ("uid", pa.string()),
+        ("messages", MESSAGE_TYPE),
+        ("n_tokens", pa.int32()),
+        ("id", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("raw", pa.string()),
+        ("raw_bytes", pa.int64()),
+    ]
+)
+# Bump when reading, validation or tokenization of a file can give other rows: cached parts of older
+# versions are then never used.
+READER_VERSION = 1
+
+
+@dataclass
+class _Settings:
+    """What decides one file's rows besides its bytes and name."""
+
+    cfg: CorpusConfig
+    tokenizer: Any
+    max_tokens: int  # cfg.max_tokens capped to the model context
+
+    def key_fields(self, tokenizer_fingerprint: str) -> dict[str, Any]:
+        """The settings part of a file's cache key (the tokenizer: its files' fingerprint and the chat
+        template it renders with, which a caller may have set)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        return {
+            "reader_version": READER_VERSION, "format": self.cfg.format, "max_tokens": self.cfg.max_tokens,
+            "max_tokens_applied": self.max_tokens, "too_long": self.cfg.too_long, "tokenizer": tokenizer_fingerprint,
+            "chat_template": hashlib.sha256(str(template).encode("utf-8", errors="backslashreplace")).hexdigest(),
+            "max_row_bytes": MAX_ROW_BYTES, "raw_limit": RAW_LIMIT, "tokenize_batch": TOKENIZE_BATCH,
+        }
+
+
+class _FileRun:
+    """Reading one file into its part (see ``PART_SCHEMA``), yielded in tables of up to
+    ``WRITE_BATCH`` rows."""
+
+    def __init__(self, settings: _Settings, info: _FileInfo) -> None:
+        self.s = settings
+        self.info = info
+        self.rows: dict[str, list[Any]] = {name: [] for name in PART_SCHEMA.names}
         self.pending: list[_Pending] = []
-        self.reasons: Counter[str] = Counter()
-        self.sources: Counter[str] = Counter()
-        self.n_in = 0
-        self.n_truncated = 0
 
-    def quarantine(self, file_index: int, item: _Item, reason: str, detail: str, source: str) -> None:
-        raw, raw_bytes = item.raw_text()
-        info = self.files[file_index]
-        self.quarantine_out.add(
-            file=info.path, line=item.line, reason=reason, detail=_utf8_safe(detail), raw=raw, raw_bytes=raw_bytes,
-            source=_utf8_safe(source),
-        )
-        info.quarantined += 1
-        self.reasons[reason] += 1
-
-    def read(self, path: Path, name: str | None = None) -> None:
-        """Read one local file; ``name`` (default: the path) is what manifests and quarantine show."""
-        info = _FileInfo(path=_utf8_safe(name or str(path)), bytes=_file_size(path))
-        self.files.append(info)
-        index = len(self.files) - 1
+    def read(self, path: Path) -> Iterator[pa.Table]:
         stem = _utf8_safe(_stem(path))
-        for item in _read_items(path, info):
-            self.n_in += 1
-            info.rows += 1
-            if item.reason is not None:
-                self.quarantine(index, item, item.reason, item.detail, _source(item.value, stem))
-                continue
-            source = _source(item.value, stem)
-            try:
-                messages = normalize_row(item.value, self.cfg.format)
-                rid = record_id(item.value)
-                if _utf8_safe(source) != source:
-                    raise RowError("invalid_unicode", "source is not encodable as UTF-8 (lone surrogate escapes)")
-                text = render_text(self.tokenizer, messages)
-            except RowError as e:
-                self.quarantine(index, item, e.reason, e.detail, source)
-                continue
-            except EncodeError as e:
-                self.quarantine(index, item, "template_error", str(e)[:500], source)
-                continue
-            uid = hashlib.sha256(canonical_json(messages).encode("utf-8")).hexdigest()
-            self.pending.append(_Pending(item, index, source, messages, uid, text, rid))
+        for item in _read_items(path, self.info):
+            self.info.rows += 1
+            self._take(item, stem)
             if len(self.pending) >= TOKENIZE_BATCH:
-                self.flush()
+                self._flush()
+            if len(self.rows["line"]) >= WRITE_BATCH:
+                yield self._table()
+        self._flush()
+        if self.rows["line"]:
+            yield self._table()
+
+    def _table(self) -> pa.Table:
+        table = pa.Table.from_pydict(self.rows, schema=PART_SCHEMA)
+        self.rows = {name: [] for name in PART_SCHEMA.names}
+        return table
+
+    def _add(self, item: _Item, source: str, **fields: Any) -> None:
+        raw, raw_bytes = item.raw_text()
+        row = {"line": item.line, "source": source, "raw": raw, "raw_bytes": raw_bytes} | fields
+        for name, column in self.rows.items():
+            column.append(row.get(name))
+
+    def _quarantine(self, item: _Item, reason: str, detail: str, source: str) -> None:
+        self._add(item, _utf8_safe(source), reason=reason, detail=_utf8_safe(detail))
+
+    def _take(self, item: _Item, stem: str) -> None:
+        """Quarantine a row that cannot be a record; else queue it for token counting."""
+        source = _source(item.value, stem)
+        if item.reason is not None:
+            self._quarantine(item, item.reason, item.detail, source)
+            return
+        try:
+            messages = normalize_row(item.value, self.s.cfg.format)
+            rid = record_id(item.value)
+            if _utf8_safe(source) != source:
+                raise RowError("invalid_unicode", "source is not encodable as UTF-8 (lone surrogate escapes)")
+            text = render_text(self.s.tokenizer, messages)
+        except RowError as e:
+            self._quarantine(item, e.reason, e.detail, source)
+            return
+        except EncodeError as e:
+            self._quarantine(item, "template_error", str(e)[:500], source)
+            return
+        uid = hashlib.sha256(canonical_json(messages).encode("utf-8")).hexdigest()
+        self.pending.append(_Pending(item, source, messages, uid, text, rid))
 
     def _truncates(self, p: _Pending) -> bool:
         """``corpus.too_long=truncate``: keep an over-long row when a response token survives the cut."""
-        if self.cfg.too_long != "truncate":
+        if self.s.cfg.too_long != "truncate":
             return False
         try:
-            return encode(self.tokenizer, p.messages, max_tokens=self.max_tokens, loss_on="response").n_loss_tokens > 0
+            return encode(self.s.tokenizer, p.messages, max_tokens=self.s.max_tokens, loss_on="response").n_loss_tokens > 0
         except EncodeError:
             return False
 
     def _too_long(self, n_tokens: int) -> str:
-        if self.max_tokens == self.cfg.max_tokens:
-            return f"{n_tokens} tokens > max_tokens {self.max_tokens}"
-        capped = f"corpus.max_tokens {self.cfg.max_tokens} capped"
-        return f"{n_tokens} tokens > {self.max_tokens}, the model context ({capped})"
+        limit, configured = self.s.max_tokens, self.s.cfg.max_tokens
+        if limit == configured:
+            return f"{n_tokens} tokens > max_tokens {limit}"
+        return f"{n_tokens} tokens > {limit}, the model context (corpus.max_tokens {configured} capped)"
 
-    def flush(self) -> None:
-        """Count tokens of the pending rows in one call; keep (truncated when ``too_long=truncate``), or
-        quarantine as too_long / duplicate."""
+    def _flush(self) -> None:
+        """Count tokens of the queued rows in one call: a candidate record (truncated when
+        ``too_long=truncate``) or a ``too_long`` row each."""
         if not self.pending:
             return
-        counts = count_text_tokens(self.tokenizer, [p.text for p in self.pending])
+        counts = count_text_tokens(self.s.tokenizer, [p.text for p in self.pending])
         for p, n_tokens in zip(self.pending, counts):
-            if n_tokens > self.max_tokens:
+            if n_tokens > self.s.max_tokens:
                 if not self._truncates(p):
-                    self.quarantine(p.file_index, p.item, "too_long", self._too_long(n_tokens), p.source)
+                    self._quarantine(p.item, "too_long", self._too_long(n_tokens), p.source)
                     continue
-                n_tokens = self.max_tokens
-                self.n_truncated += 1
-            key = bytes.fromhex(p.uid)
-            first = self.kept_at.get(key)
-            if first is not None:
-                where = f"{self.files[first[0]].path}:{first[1]}"
-                self.quarantine(p.file_index, p.item, "duplicate", f"duplicate of {where} (uid {p.uid[:12]})", p.source)
-                continue
-            id_key = _id_key(p.record_id) if p.record_id is not None else None
-            if id_key is not None and id_key in self.id_at:
-                first = self.id_at[id_key]
-                where = f"{self.files[first[0]].path}:{first[1]}"
-                self.quarantine(
-                    p.file_index, p.item, "duplicate_id",
-                    f"id {p.record_id[:200]!r} already used by {where} with other content (uid {p.uid[:12]})", p.source,
-                )
-                continue
-            self.kept_at[key] = (p.file_index, p.item.line)
-            if id_key is not None:
-                self.id_at[id_key] = (p.file_index, p.item.line)
-            info = self.files[p.file_index]
-            self.records.add(
-                uid=p.uid, source=p.source, messages=p.messages, n_tokens=n_tokens, file=info.path, line=p.item.line,
-                id=p.record_id,
-            )
-            info.kept += 1
-            self.sources[p.source] += 1
+                n_tokens = self.s.max_tokens
+                self.info.truncated += 1
+            self._add(p.item, p.source, uid=p.uid, messages=p.messages, n_tokens=n_tokens, id=p.record_id)
         self.pending = []
+
+
+class _Merge:
+    """Cross-file dedup over the files' parts, in file order: writes records and quarantine."""
+
+    def __init__(self, records: _AtomicParquet, quarantine: _AtomicParquet) -> None:
+        self.records = records
+        self.quarantine = quarantine
+        self.files: list[_FileInfo] = []
+        self.kept_at: dict[bytes, tuple[int, int]] = {}  # uid digest -> (file index, line)
+        self.id_at: dict[bytes, tuple[int, int]] = {}  # record id digest -> (file index, line) of the kept row
+        self.reasons: Counter[str] = Counter()
+        self.sources: Counter[str] = Counter()
+
+    def _where(self, at: tuple[int, int]) -> str:
+        return f"{self.files[at[0]].path}:{at[1]}"
+
+    def _duplicate(self, index: int, line: int, uid: str, rid: str | None) -> tuple[str, str] | None:
+        """``(reason, detail)`` when the candidate duplicates a kept row; else it is kept (and claims
+        its uid and id)."""
+        key = bytes.fromhex(uid)
+        first = self.kept_at.get(key)
+        if first is not None:
+            return "duplicate", f"duplicate of {self._where(first)} (uid {uid[:12]})"
+        id_key = _id_key(rid) if rid is not None else None
+        if id_key is not None and id_key in self.id_at:
+            where = self._where(self.id_at[id_key])
+            return "duplicate_id", f"id {rid[:200]!r} already used by {where} with other content (uid {uid[:12]})"
+        self.kept_at[key] = (index, line)
+        if id_key is not None:
+            self.id_at[id_key] = (index, line)
+        return None
+
+    def add(self, index: int, part: pa.Table) -> None:
+        """Decide about every candidate of ``part`` (rows of file ``index``, in order) and write the rows."""
+        reasons = part.column("reason").to_pylist()
+        details = part.column("detail").to_pylist()
+        lines = part.column("line").to_pylist()
+        keep = []
+        for i, (uid, rid) in enumerate(zip(part.column("uid").to_pylist(), part.column("id").to_pylist())):
+            dup = self._duplicate(index, lines[i], uid, rid) if uid is not None else None
+            if dup is not None:
+                reasons[i], details[i] = dup
+            keep.append(uid is not None and dup is None)
+        mask = pa.array(keep, pa.bool_())
+        self._records(self.files[index], part.filter(mask))
+        out = [i for i, k in enumerate(keep) if not k]
+        self._quarantined(self.files[index], part.filter(pc.invert(mask)), [reasons[i] for i in out],
+                          [details[i] for i in out])
+
+    def _records(self, info: _FileInfo, kept: pa.Table) -> None:
+        n = kept.num_rows
+        columns = [kept["uid"], kept["source"], kept["messages"], kept["n_tokens"],
+                   pa.repeat(pa.scalar(info.path, pa.string()), n), kept["line"], kept["id"]]
+        self.records.add(pa.Table.from_arrays(columns, schema=RECORDS_SCHEMA))
+        info.kept += n
+        self.sources.update(kept.column("source").to_pylist())
+
+    def _quarantined(self, info: _FileInfo, rows: pa.Table, reasons: list[str], details: list[str]) -> None:
+        n = rows.num_rows
+        columns = [pa.repeat(pa.scalar(info.path, pa.string()), n), rows["line"], pa.array(reasons, pa.string()),
+                   pa.array(details, pa.string()), rows["raw"], rows["raw_bytes"], rows["source"]]
+        self.quarantine.add(pa.Table.from_arrays(columns, schema=QUARANTINE_SCHEMA))
+        info.quarantined += n
+        self.reasons.update(reasons)
+
+
+class _Parts:
+    """Each file's part: from the cache when its content and the settings are unchanged, else read
+    (and stored in the cache)."""
+
+    def __init__(self, settings: _Settings, cache: IngestCache | None) -> None:
+        self.s = settings
+        self.cache = cache
+        self.key_fields = settings.key_fields(cache.tokenizer_fingerprint) if cache is not None else {}
+
+    def of(self, path: Path, info: _FileInfo) -> Iterator[pa.Table]:
+        key, sha256 = self._key(path)
+        if key is not None and self.cache is not None:
+            hit = self.cache.get(key)
+            if hit is not None and self._reuse(hit, info, sha256):
+                yield hit[0]
+                return
+        chunks: list[pa.Table] = []
+        for chunk in _FileRun(self.s, info).read(path):
+            if key is not None:
+                chunks.append(chunk)
+            yield chunk
+        if key is not None:
+            self._store(key, sha256, chunks, info)
+
+    def _key(self, path: Path) -> tuple[str | None, str]:
+        """The file's cache key and content sha256 (None: no cache, or a file that is never opened or
+        cannot be hashed)."""
+        if self.cache is None or isinstance(path, _Flagged):
+            return None, ""
+        sha256 = _sha256(path)
+        return (part_key(self.key_fields, path.name, sha256) if sha256 else None), sha256
+
+    def _reuse(self, hit: tuple[pa.Table, dict[str, Any]], info: _FileInfo, sha256: str) -> bool:
+        table, meta = hit
+        if table.schema != PART_SCHEMA or meta.get("rows") != table.num_rows:
+            logger.warning("ingest cache: a part of %s does not hold this version's rows; reading the file", info.path)
+            return False
+        info.sha256, info.rows, info.reused = sha256, table.num_rows, True
+        info.blank_lines, info.truncated = int(meta.get("blank_lines", 0)), int(meta.get("truncated", 0))
+        return True
+
+    def _store(self, key: str, sha256: str, chunks: list[pa.Table], info: _FileInfo) -> None:
+        """Cache the part unless the file changed while it was read or could not be read whole."""
+        assert self.cache is not None
+        table = pa.concat_tables(chunks) if chunks else PART_SCHEMA.empty_table()
+        reasons = set(table.column("reason").drop_null().unique().to_pylist())
+        if info.sha256 != sha256 or "unreadable_file" in reasons:
+            logger.debug("not caching %s: changed while read or unreadable", info.path)
+            return
+        self.cache.put(key, table, {"rows": info.rows, "blank_lines": info.blank_lines, "truncated": info.truncated})
 
 
 def _display_name(path: Path, local_of: dict[str, Path]) -> str:
@@ -1286,10 +1444,17 @@ def _display_name(path: Path, local_of: dict[str, Path]) -> str:
 
 
 def ingest(
-    cfg: CorpusConfig, tokenizer: Any, out_dir: str | Path, *, inputs: list[str] | None = None
+    cfg: CorpusConfig,
+    tokenizer: Any,
+    out_dir: str | Path,
+    *,
+    inputs: list[str] | None = None,
+    cache: IngestCache | None = None,
 ) -> IngestResult:
     """Read ``inputs or cfg.paths`` (or the generated demo corpus when both are empty), write
-    ``out_dir/records.parquet`` and ``out_dir/quarantine.parquet``, and return the counts."""
+    ``out_dir/records.parquet`` and ``out_dir/quarantine.parquet``, and return the counts. With a
+    ``cache``, a file whose content, name and settings did not change since it was last read into
+    that cache is not read again: its rows come from the cache (the output is the same)."""
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -1303,38 +1468,49 @@ def ingest(
     names = {f: _display_name(f, local_of) for f in files}
     if not files:
         logger.warning("no corpus files found in %s", ", ".join(map(str, paths)))
+    parts = _Parts(_Settings(cfg, tokenizer, effective_max_tokens(cfg.max_tokens, model_context(tokenizer))), cache)
     records = _AtomicParquet(out / RECORDS_FILE, RECORDS_SCHEMA)
     quarantine = _AtomicParquet(out / QUARANTINE_FILE, QUARANTINE_SCHEMA)
-    run = _Ingest(cfg, tokenizer, records, quarantine)
+    merge = _Merge(records, quarantine)
     try:
-        for path in files:
-            run.read(path, names[path])
-            logger.debug("read %s: %d rows", path, run.files[-1].rows)
-        run.flush()
+        for index, path in enumerate(files):
+            info = _FileInfo(path=_utf8_safe(names[path]), bytes=_file_size(path))
+            merge.files.append(info)
+            for part in parts.of(path, info):
+                merge.add(index, part)
+            logger.debug("%s %s: %d rows", "reused" if info.reused else "read", path, info.rows)
         records.commit()
         quarantine.commit()
     except BaseException:
         records.abort()
         quarantine.abort()
         raise
-    n_kept, n_quarantined = records.rows, quarantine.rows
-    if run.n_in != n_kept + n_quarantined:
-        raise RuntimeError(f"ingest lost rows: {run.n_in} read, {n_kept} kept, {n_quarantined} quarantined")
+    return _result(merge, parts.s.max_tokens, records, quarantine, time.perf_counter() - start)
+
+
+def _result(merge: _Merge, max_tokens: int, records: _AtomicParquet, quarantine: _AtomicParquet,
+            seconds: float) -> IngestResult:
+    n_in, n_kept, n_quarantined = sum(f.rows for f in merge.files), records.rows, quarantine.rows
+    if n_in != n_kept + n_quarantined:
+        raise RuntimeError(f"ingest lost rows: {n_in} read, {n_kept} kept, {n_quarantined} quarantined")
+    reused = sum(f.reused for f in merge.files)
     result = IngestResult(
-        n_in=run.n_in,
+        n_in=n_in,
         n_kept=n_kept,
         n_quarantined=n_quarantined,
-        n_truncated=run.n_truncated,
-        max_tokens=run.max_tokens,
-        reasons=dict(sorted(run.reasons.items())),
-        sources=dict(sorted(run.sources.items())),
-        files=[asdict(f) for f in run.files],
+        n_truncated=sum(f.truncated for f in merge.files),
+        max_tokens=max_tokens,
+        reasons=dict(sorted(merge.reasons.items())),
+        sources=dict(sorted(merge.sources.items())),
+        files=[asdict(f) for f in merge.files],
         records_path=str(records.path),
         quarantine_path=str(quarantine.path),
-        seconds=round(time.perf_counter() - start, 3),
+        seconds=round(seconds, 3),
+        files_read=len(merge.files) - reused,
+        files_reused=reused,
     )
     logger.info(
-        "ingested %d rows from %d files: %d kept, %d quarantined %s in %.1fs",
-        result.n_in, len(files), n_kept, n_quarantined, result.reasons, result.seconds,
+        "ingested %d rows from %d files (%d reused, %d read): %d kept, %d quarantined %s in %.1fs",
+        n_in, len(merge.files), reused, result.files_read, n_kept, n_quarantined, result.reasons, result.seconds,
     )
     return result

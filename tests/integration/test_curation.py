@@ -68,6 +68,8 @@ def test_weekly_runs_retrain_from_the_base_into_versioned_outputs(tmp_path):
 
     _grow(corpus, 12)  # week 2: 10% new records
     week2 = run_pipeline(cfg)
+    ingested = week2["ingest"].result
+    assert (ingested["files_read"], ingested["files_reused"]) == (1, len(ingested["files"]) - 1)  # the new file only
     assert week2["sketch"].result["n_computed"] == 12
     train2 = week2["train"].result
     assert not week2["train"].skipped and train2["resumed_from_step"] is None  # from the base, not week 1's checkpoint
