@@ -53,7 +53,7 @@ test: venv
 test-fast: venv
 	$(BIN)/pytest tests/unit -m "not slow"
 
-# the server drills: S3 (SeaweedFS) runs, ray job submit to a second head, the GPU suite's CPU dry run
+# the server drills: S3 (SeaweedFS) runs, ray job submit to a second head, two Ray nodes, the GPU suite's CPU dry run
 test-drills: venv
 	$(BIN)/pytest -m drill
 

@@ -11,10 +11,11 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class ConfigError(ValueError):
@@ -23,6 +24,31 @@ class ConfigError(ValueError):
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
+
+
+def _custom_resources(value: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources only: CPUs and GPUs have their own keys, and Ray sets memory itself."""
+    builtin = [name for name in value if name in RAY_BUILTIN_RESOURCES or not name.strip()]
+    if builtin:
+        raise PydanticCustomError(
+            "builtin_resource", "custom resources only, not {names}: CPUs and GPUs have their own keys in this section",
+            {"names": ", ".join(repr(n) for n in builtin)},
+        )
+    return value
+
+
+CustomResources = Annotated[dict[str, Annotated[float, Field(ge=0)]], AfterValidator(_custom_resources)]
+
+
+def _resources_field(unit: str) -> Any:
+    return Field(
+        default_factory=dict,
+        description=f"Custom Ray resources {unit} requests, e.g. {{gpu_pool: 1}}: it runs only on nodes started with "
+        "them (`ray start --resources`). {}: none. The local executor ignores them.",
+    )
 
 
 class CorpusConfig(_Section):
@@ -167,6 +193,7 @@ class SketchConfig(_Section):
     num_gpus_per_worker: float | None = Field(
         None, ge=0, description="GPUs per sketch actor; None: 1 if the cluster has GPUs, else 0."
     )
+    resources: CustomResources = _resources_field("each sketch actor (and the fidelity check)")
     dtype: Literal["float32", "float16"] = Field("float32", description="Stored sketch precision.")
 
     @model_validator(mode="after")
@@ -235,6 +262,7 @@ class SelectConfig(_Section):
     checkpoint_every: int = Field(1000, gt=0, description="Checkpoint the greedy's picks every N steps.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs of the selector actor.")
     num_gpus: float = Field(0.0, ge=0, description="GPUs of the selector actor.")
+    resources: CustomResources = _resources_field("the selector (each shard actor with shards > 1)")
 
     def max_tokens(self, total: int) -> int:
         """``budget: tokens``: the loss tokens the picks may hold, of ``total`` in the pool."""
@@ -276,6 +304,7 @@ class TrainConfig(_Section):
 
     num_workers: int = Field(1, gt=0, description="Ray Train workers (one GPU each when used); 1 trains with plain torch (train.engine).")
     cpus_per_worker: float = Field(0.5, gt=0, description="CPUs per train worker.")
+    resources: CustomResources = _resources_field("each train worker")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them.")
     engine: Literal["auto", "torch", "deepspeed"] = Field(
         "auto",
@@ -361,6 +390,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(8, gt=0, description="Records per forward pass.")
     num_cpus: float = Field(0.5, gt=0, description="CPUs of the eval task.")
     num_gpus: float | None = Field(None, ge=0, description="GPUs of the eval task; None: 1 if the cluster has GPUs, else 0.")
+    resources: CustomResources = _resources_field("the eval task")
 
 
 class RunSection(_Section):

@@ -261,7 +261,8 @@ def run_eval_stage(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores = executor.call(
         evaluate_models, model_paths, encoded, batch_size=ecfg.batch_size, pad_id=pad_id,
-        trust_remote_code=cfg.model.trust_remote_code, resources=Resources(cpus=ecfg.num_cpus, gpus=ecfg.num_gpus),
+        trust_remote_code=cfg.model.trust_remote_code,
+        resources=Resources(cpus=ecfg.num_cpus, gpus=ecfg.num_gpus, custom=ecfg.resources),
     )
 
     sets: dict[str, Any] = {}

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,11 +30,14 @@ EXECUTORS = ("ray", "local")
 
 @dataclass(frozen=True)
 class Resources:
-    """What one unit of a stage's work needs. ``gpus=None``: one GPU if the executor has any."""
+    """What one unit of a stage's work needs. ``gpus=None``: one GPU if the executor has any.
+    ``custom``: custom Ray resources of each unit (``ray start --resources`` names: a node pool, a
+    label); they place work on the nodes that have them, and the local executor ignores them."""
 
     cpus: float = 1.0
     gpus: float | None = None
     workers: int = 1
+    custom: Mapping[str, float] = field(default_factory=dict, hash=False)
 
     @property
     def threads(self) -> int:

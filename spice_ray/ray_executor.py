@@ -9,9 +9,11 @@
   so a rerun with the same storage resumes from its latest checkpoint, ``FailureConfig`` restarts.
 
 GPU use is decided here once: a unit of work with ``gpus=None`` gets one GPU when the cluster has
-any. Ray's own logs stay off the terminal unless ``verbose`` (they go to the run's driver.log), and
-so does the false alarm Ray's core worker logs when a Ray Data actor pool starts
-(:data:`spice_ray.logs.RAY_FALSE_ALARMS`).
+any. Custom resources (``Resources.custom``, from a section's ``resources``) go to every unit as
+Ray's ``resources=`` (tasks, actors, the actor pool) or into Ray Train's ``resources_per_worker``
+(:func:`ray_resources`), so work lands only on nodes started with them. Ray's own logs stay off the
+terminal unless ``verbose`` (they go to the run's driver.log), and so does the false alarm Ray's
+core worker logs when a Ray Data actor pool starts (:data:`spice_ray.logs.RAY_FALSE_ALARMS`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,18 @@ def init_ray(address: str | None = None, *, verbose: bool = False) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # the CLI draws the one bar
 
 
+def ray_resources(resources: Resources) -> dict[str, Any]:
+    """The ``resources=`` keyword of a Ray task, actor or actor pool for ``resources.custom`` (empty:
+    no keyword, Ray's own default)."""
+    return {"resources": {str(k): float(v) for k, v in resources.custom.items()}} if resources.custom else {}
+
+
+def train_resources_per_worker(resources: Resources) -> dict[str, float]:
+    """Ray Train's ``resources_per_worker``: the CPUs and the custom resources of one worker (GPUs go
+    through ``use_gpu``)."""
+    return {"CPU": resources.cpus, **ray_resources(resources).get("resources", {})}
+
+
 def _logged(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``fn`` in a Ray worker with INFO logging (its lines reach the driver with ``verbose``)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,7 +133,8 @@ class RayExecutor:
     def call(self, fn: Callable[..., Any], *args: Any, resources: Resources, **kwargs: Any) -> Any:
         ray = self._ray()
         name = getattr(fn, "__name__", "task")
-        task = ray.remote(_logged).options(num_cpus=resources.cpus, num_gpus=self.gpus(resources), max_retries=1, name=name)
+        task = ray.remote(_logged).options(num_cpus=resources.cpus, num_gpus=self.gpus(resources), max_retries=1, name=name,
+                                           **ray_resources(resources))
         return ray.get(task.remote(fn, *args, **kwargs))
 
     def map_batches(self, worker: type, kwargs: dict[str, Any], batches: RecordBatches, resources: Resources) -> Iterator[pa.Table]:
@@ -146,6 +161,7 @@ class RayExecutor:
             compute=ActorPoolStrategy(size=resources.workers),
             num_cpus=resources.cpus,
             num_gpus=self.gpus(resources),
+            **ray_resources(resources),
         )
         with contextlib.nullcontext() if self.verbose else drop_native_lines():  # the pool's start-up false alarm
             yield from out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
@@ -169,7 +185,8 @@ class RayExecutor:
             train_loop_per_worker,
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
-                num_workers=resources.workers, use_gpu=bool(loop_config["use_gpu"]), resources_per_worker={"CPU": resources.cpus}
+                num_workers=resources.workers, use_gpu=bool(loop_config["use_gpu"]),
+                resources_per_worker=train_resources_per_worker(resources),
             ),
             run_config=RunConfig(
                 name=RUN_NAME,

@@ -77,6 +77,7 @@ def select_sharded(
     groups: np.ndarray | None = None,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    resources: dict[str, float] | None = None,
     checkpoint_dir: str | None = None,
     checkpoint_every: int = 1000,
     diagnostics: bool = True,
@@ -88,8 +89,9 @@ def select_sharded(
     ``sketches``: an (N, d) array (each shard gets its slice through the object store) or a sketch
     parquet path (each shard reads its own uid range; the driver reads only the uids). ``loss_tokens``
     (uid order): for ``scale=tokens|sqrt_tokens`` (read from the parquet when None); ``groups``: a
-    label per row (uid order) for per-group quotas. Returns the selection and, for a path, the sorted
-    uids the indices refer to. Ray must be initialised.
+    label per row (uid order) for per-group quotas; ``resources``: custom Ray resources of each shard
+    actor (``select.resources``). Returns the selection and, for a path, the sorted uids the indices
+    refer to. Ray must be initialised.
     """
     if method not in SHARDABLE:
         raise ValueError(f"sharded selection runs the greedy methods spice | logdet, not {method!r}")
@@ -106,7 +108,7 @@ def select_sharded(
     factors = token_factors(loss_tokens, scale) if scale in ("tokens", "sqrt_tokens") else None
     bounds = shard_bounds(n, n_shards)
     actors = []
-    actor_cls = ShardActor.options(num_cpus=num_cpus, num_gpus=num_gpus)
+    actor_cls = ShardActor.options(num_cpus=num_cpus, num_gpus=num_gpus, **({"resources": dict(resources)} if resources else {}))
     for lo, hi in bounds:
         opts = dict(offset=lo, scale=scale, factors=None if factors is None else factors[lo:hi],
                     groups=None if groups is None else np.asarray(groups, dtype=object)[lo:hi])
@@ -164,6 +166,7 @@ def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_pat
         groups=groups,
         num_cpus=cfg.num_cpus,
         num_gpus=cfg.num_gpus,
+        resources=cfg.resources,
         checkpoint_dir=checkpoint_dir(out_dir),
         checkpoint_every=cfg.checkpoint_every,
     )

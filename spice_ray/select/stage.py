@@ -140,7 +140,7 @@ def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, execut
     selects."""
     from spice_ray.executor import Resources
 
-    resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus)
+    resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus, custom=cfg.resources)
     if cfg.shards > 1:
         from spice_ray.select.sharding import refusal
 

@@ -25,6 +25,7 @@ Nothing here imports Ray: the executor (:mod:`spice_ray.executor`) decides where
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -170,7 +171,7 @@ def run_warmup(cfg: Config, executor: Executor, *, records_path: str, model_path
 
 def _resources(cfg: Config) -> Resources:
     s = cfg.sketch
-    return Resources(cpus=s.num_cpus_per_worker, gpus=s.num_gpus_per_worker, workers=s.num_workers)
+    return Resources(cpus=s.num_cpus_per_worker, gpus=s.num_gpus_per_worker, workers=s.num_workers, custom=s.resources)
 
 
 def run_sketch_stage(
@@ -265,7 +266,7 @@ def _fidelity(executor: Executor, records_path: str, uids: list[str], worker_kwa
     sample = frozenset(ordered[i] for i in rng.choice(len(ordered), size=min(k, len(ordered)), replace=False))
     batches = read_record_batches(RecordBatches(records_path, ("uid", "messages"), sample, len(sample)))
     table = pa.concat_tables(batches).sort_by("uid")
-    return executor.call(_fidelity_task, worker_kwargs, table, resources=Resources(cpus=resources.cpus, gpus=resources.gpus))
+    return executor.call(_fidelity_task, worker_kwargs, table, resources=dataclasses.replace(resources, workers=1))
 
 
 def _fidelity_task(worker_kwargs: dict, table: pa.Table) -> dict:

