@@ -89,8 +89,41 @@ def main() -> int:
     print(markdown(summary, bench))
     if args.setting in ("noisy", "redundant"):
         print(picked_shares(root, bench))
+    if args.setting == "noisy":
+        print(separability(root))
     print(f"bench: {time.time() - t0:.0f} s; results under {root / 'bench'}")
     return 0
+
+
+def _auc(score, positive) -> float:
+    """P(score of a positive > score of a negative), ties half (Mann–Whitney)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    ranks = rankdata(score)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)) if n_pos and n_neg else float(np.nan)
+
+
+def separability(root: Path) -> str:
+    """Can the proxy tell a corrupted record from a clean one at all? AUC of its loss, its gradient's
+    norm and its gradient's disagreement with the pool's mean gradient (−cos), corrupted vs clean;
+    0.5 is chance. A selection built on these signals cannot keep out what they do not separate."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    bad = set(json.loads((root / "setting" / "setting.json").read_text())["corrupted"])
+    t = pq.read_table(root / "sketch" / "sketches")
+    y = np.array([u in bad for u in t.column("uid").to_pylist()])
+    G = np.stack(t.column("sketch").to_numpy(zero_copy_only=False)).astype(np.float64)
+    G *= (t.column("n_loss_tokens").to_numpy() / t.column("n_loss_tokens").to_numpy().mean())[:, None]  # scale: tokens
+    mean = G.mean(axis=0)
+    cos = G @ mean / np.maximum(np.linalg.norm(G, axis=1) * np.linalg.norm(mean), 1e-300)
+    rows = [("proxy loss", t.column("loss").to_numpy()), ("gradient norm (token-scaled)", np.linalg.norm(G, axis=1)),
+            ("−cos(g, pool mean)", -cos)]
+    lines = [f"| signal | AUC corrupted vs clean ({int(y.sum())} vs {int((~y).sum())}) |", "|---|---|"]
+    lines += [f"| {name} | {_auc(x, y):.3f} |" for name, x in rows]
+    return "\n".join(lines)
 
 
 def picked_shares(root: Path, bench) -> str:
