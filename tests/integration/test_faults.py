@@ -76,7 +76,7 @@ def test_sketch_actor_killed_mid_stage_gives_the_same_sketches(reference_run, tm
     _, ref_root, _ = reference_run
     root = tmp_path / "killed"
     cfg = small_config(root)
-    stage_dir = root / "cache"  # each finished batch becomes a part of the sketch cache at once
+    stage_dir = root / "cache" / "sketches"  # each finished batch becomes a part of the sketch cache at once
     seen: dict = {}
 
     def killer() -> None:
