@@ -37,6 +37,7 @@ from spice_ray.select.quota import (
 )
 from spice_ray.select.resume import PickCheckpoint, fingerprint_data
 from spice_ray.select.state import SelectedState, Winner
+from spice_ray.select.target import target_cosine
 
 log = logging.getLogger(__name__)
 
@@ -347,23 +348,7 @@ def _fixed_order(method: str, G: np.ndarray, k: int, norm_sq: np.ndarray, seed: 
     # less: top-k cosine to the target set's mean sketch, ties by index
     if target is None:
         raise ValueError("method 'less' needs target sketches (target=(M, d) array)")
-    T = np.asarray(target, dtype=np.float64)
-    if T.ndim == 1:
-        T = T[None, :]
-    if T.ndim != 2 or T.shape[1] != G.shape[1] or T.shape[0] == 0:
-        raise ValueError(f"target must be an (M, {G.shape[1]}) array, got shape {T.shape}")
-    if not np.isfinite(T).all():
-        raise ValueError("target sketches contain NaN or inf")
-    mean = T.mean(axis=0)
-    m_norm = float(np.linalg.norm(mean))
-    if m_norm == 0:
-        raise ValueError("the target sketches' mean is zero: cosine to it is undefined")
-    cos = np.zeros(n, dtype=np.float64)
-    for a in range(0, n, 1 << 16):
-        cos[a : a + (1 << 16)] = G[a : a + (1 << 16)].astype(np.float64) @ (mean / m_norm)
-    norms = np.sqrt(norm_sq)
-    np.divide(cos, norms, out=cos, where=norms > 0)
-    cos[norms == 0] = 0.0
+    cos = target_cosine(G, target, norm_sq)
     return np.argsort(-cos, kind="stable")[:k].astype(np.int64)
 
 

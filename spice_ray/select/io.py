@@ -143,8 +143,8 @@ def read_record_sources(records_path: str, uids: np.ndarray) -> np.ndarray:
     return np.asarray([by_uid[u] for u in uids.tolist()], dtype=object)
 
 
-def read_target(target: str, pool_uids: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """The target-set sketches of LESS-style selection, (M, d) float32.
+def read_target(target: str, pool_uids: np.ndarray, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The target-set sketches, (M, d) float32, and the pool rows they are (None: not pool rows).
 
     ``target`` is either a ``.txt`` file of uids (one per line) whose rows are taken from the pool
     (``pool_uids`` sorted, as :func:`read_sketches` returns them), or the sketches of a separately
@@ -161,7 +161,8 @@ def read_target(target: str, pool_uids: np.ndarray, pool: np.ndarray) -> np.ndar
         missing = [u for u, i in zip(wanted, idx, strict=True) if len(pool_uids) == 0 or pool_uids[i] != u]
         if missing:
             raise ValueError(f"{len(missing)} of {len(wanted)} target uids are not in the pool (first: {missing[0]})")
-        return pool[idx]
+        rows = np.unique(idx)
+        return pool[rows], rows
     _, target_sketches = read_sketches(target)
     if target_sketches.shape[1] != pool.shape[1]:
         raise ValueError(
@@ -169,4 +170,4 @@ def read_target(target: str, pool_uids: np.ndarray, pool: np.ndarray) -> np.ndar
         )
     if not len(target_sketches):
         raise ValueError(f"no target sketches at {target}")
-    return target_sketches
+    return target_sketches, None

@@ -31,8 +31,10 @@ Pick = tuple[np.ndarray, np.ndarray, float, int]  # u, g, q, global index
 SHARDABLE = ("spice", "logdet")
 
 
-def refusal(method: str, executor: str, budget: str = "records") -> str | None:
+def refusal(method: str, executor: str, budget: str = "records", target: str | None = None) -> str | None:
     """Why ``select.shards > 1`` cannot shard this configuration, in one line (None: it can)."""
+    if target:
+        return "a selection with select.target runs in one worker (its candidates are chosen from all rows' cosines first)"
     if budget != "records":
         return f"a budget in {budget} runs in one worker (numpy): its greedy keeps a heap of all rows' bounds"
     if executor != "ray":

@@ -26,6 +26,7 @@ from spice_ray.config import SelectConfig
 from spice_ray.select.greedy import Selection, select
 from spice_ray.select.io import read_sketches, read_target
 from spice_ray.select.resume import PickCheckpoint
+from spice_ray.select.target import closest_rows, target_cosine
 from spice_ray.storage import Store
 
 log = logging.getLogger(__name__)
@@ -81,22 +82,33 @@ def select_to_dir(
 
     t0 = time.perf_counter()
     uids, G = read_sketches(sketches_path)
-    n, d = G.shape
-    target = read_target(cfg.target, uids, G) if cfg.target else None
     wants_tokens = cfg.scale in ("tokens", "sqrt_tokens") or cfg.method == "longest" or cfg.budget == "tokens"
     loss_tokens = read_sketch_column(sketches_path, "n_loss_tokens") if wants_tokens else None
+    target, target_rows = read_target(cfg.target, uids, G) if cfg.target else (None, None)
+    info: dict[str, Any] = {}
+    if target_rows is not None:  # the target's own rows are the yardstick, never candidates (select/target.py)
+        keep = np.ones(len(uids), dtype=bool)
+        keep[target_rows] = False
+        uids, G, loss_tokens = _rows(keep, uids, G, loss_tokens)
+        info["target_rows_excluded"] = int(len(target_rows))
+    n, d = G.shape
     G = scale_sketches(G, loss_tokens, cfg.scale)
     alpha = resolve_alpha(G, cfg.alpha)
+    if cfg.budget == "tokens" and loss_tokens is None:
+        raise ValueError("select.budget=tokens needs the sketches' n_loss_tokens column (sketch format 4 or later)")
+    k = cfg.max_records(n)
+    max_cost = cfg.max_tokens(int(loss_tokens.sum())) if cfg.budget == "tokens" else None
+    if target is not None and cfg.method in ("spice", "logdet") and cfg.target_pool < 1:
+        near = closest_rows(target_cosine(G, target), cfg.target_pool, at_least=k, costs=loss_tokens, max_cost=max_cost)
+        uids, G, loss_tokens = _rows(near, uids, G, loss_tokens)
+        info["target_pool_rows"] = int(len(near))
     if cfg.quota == "source" and records_path is None:
         raise ValueError("select.quota=source needs the records (their source column)")
     groups = read_record_sources(records_path, uids) if cfg.quota == "source" else None
-    if cfg.budget == "tokens" and loss_tokens is None:
-        raise ValueError("select.budget=tokens needs the sketches' n_loss_tokens column (sketch format 4 or later)")
-    max_cost = cfg.max_tokens(int(loss_tokens.sum())) if cfg.budget == "tokens" else None
     t_read = time.perf_counter() - t0
     sel = select(
         G,
-        cfg.max_records(n),
+        k,
         method=cfg.method,
         alpha=alpha,
         lam=cfg.lam,
@@ -122,6 +134,7 @@ def select_to_dir(
         "scale": cfg.scale,
         "quota": cfg.quota,
         "alpha_setting": cfg.alpha,
+        **info,
         "sketches": str(sketches_path),
         "read_seconds": round(t_read, 4),
         "select_seconds": round(time.perf_counter() - t0 - t_read, 4),
@@ -130,6 +143,11 @@ def select_to_dir(
         summary["quotas"] = dict(sorted(Counter(groups[sel.indices].tolist()).items()))
     write_selection(out_dir, uids, sel, summary)
     return summary
+
+
+def _rows(which: np.ndarray, uids: np.ndarray, G: np.ndarray, loss_tokens: np.ndarray | None) -> tuple[Any, ...]:
+    """The rows ``which`` (a mask or indices) of the uids, the sketches and the loss tokens."""
+    return uids[which], G[which], None if loss_tokens is None else np.asarray(loss_tokens)[which]
 
 
 def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, executor: Any, records_path: str | None = None) -> dict[str, Any]:
@@ -144,7 +162,7 @@ def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, execut
     if cfg.shards > 1:
         from spice_ray.select.sharding import refusal
 
-        why = refusal(cfg.method, executor.name, cfg.budget)
+        why = refusal(cfg.method, executor.name, cfg.budget, cfg.target)
         if why is None:
             from spice_ray.select.ray_shards import run_sharded
 
