@@ -12,9 +12,10 @@ per source.
     python benchmarks/quality.py --root runs/quality --config benchmarks/quality_sweep.yaml  # the remedies, on validation
     python benchmarks/quality.py --root runs/noisy --setting noisy --config benchmarks/quality_settings.yaml
 
-``--setting redundant|noisy`` builds that pool from the same records first (``benchmarks/settings.py``:
-the held-out rows unchanged) and reports, per arm, the share of its picks that are corrupted records
-or near-duplicate rewrites.
+``--setting redundant|noisy|targeted`` builds that pool from the same records first
+(``benchmarks/settings.py``: the held-out rows unchanged) and reports, per arm, the share of its picks
+that are corrupted records or near-duplicate rewrites; ``targeted`` sets ``select.target`` to the
+setting's target examples and scores the target source's held-out rows only.
 
 Nothing is downloaded; the data never enters the repository.
 """
@@ -61,7 +62,7 @@ def main() -> int:
     ap.add_argument("--root", default="runs/quality", help="bench run root")
     ap.add_argument("--config", default=str(REPO / "benchmarks" / "quality.yaml"), help="bench config")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="section.key=value")
-    ap.add_argument("--setting", choices=["standard", "redundant", "noisy"], help="build this pool (benchmarks/settings.py)")
+    ap.add_argument("--setting", choices=["standard", "redundant", "noisy", "targeted"], help="build this pool (benchmarks/settings.py)")
     args = ap.parse_args()
     if not any(SHARED.joinpath("data").glob("*.jsonl")):
         print(f"skipped: the real corpus is not at {SHARED / 'data'} (set SPICE_SHARED)")
@@ -81,6 +82,8 @@ def main() -> int:
         rows = settings.read_rows(SHARED / "data", lambda r: not in_proxy_slice(r["id"]))
         corpus = settings.write(settings.build(args.setting, rows, rule), root / "setting")
         overrides += ["corpus.pool_fraction=1.0"]  # the written corpus is the pool and the held-out rows
+        if args.setting == "targeted":  # aim at the target examples; score on the target source's held-out rows
+            overrides += [f"select.target={root / 'setting' / 'target.txt'}", f"bench.sources=[{settings.TARGET_SOURCE}]"]
     else:
         corpus = prepare_corpus(SHARED / "data", root / "corpus")
     cfg, bench = load_bench(args.config, [*overrides, f"corpus.paths=[{corpus}]"])

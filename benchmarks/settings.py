@@ -20,6 +20,12 @@ manifest), so no corrupted or duplicated text ever reaches validation or test.
 - ``noisy``: a fifth of the pool records get a wrong response: within one source, the chosen
   records are ordered by response length and consecutive ones swap responses, so a wrong answer is
   as long as the right one would be (length cannot tell them apart) and in the same style (source).
+- ``targeted`` (LESS's setting): one source is the target task. Its pool records leave the pool but
+  for 100 of them, the target examples (``target.txt``, their uids; ``select.target`` takes them out
+  of every method's candidates); the model is evaluated on that source's held-out rows
+  (``bench.sources``). The source is gsm8k: grade-school maths with worked answers, a task the rest
+  of the pool holds only scattered pieces of (flan_cot's chains of thought, alpaca's arithmetic), so
+  which of them a selection finds is what it is measured on.
 
 Deterministic: every choice is a hash of the record's uid and a salt, never a random generator.
 
@@ -44,10 +50,12 @@ sys.path.insert(0, str(REPO))
 from spice_ray.corpus.formats import RowError, canonical_uid, normalize_row  # noqa: E402
 from spice_ray.corpus.split import split_of, unit_hash  # noqa: E402
 
-SETTINGS = ("standard", "redundant", "noisy")
+SETTINGS = ("standard", "redundant", "noisy", "targeted")
 REDUNDANT_SHARE = 0.25
 REDUNDANT_COPIES = 2
 NOISY_SHARE = 0.2
+TARGET_SOURCE = "gsm8k"
+TARGET_EXAMPLES = 100
 # Boilerplate a prompt collection wraps a task in; {t} is the original instruction.
 TEMPLATES = (
     "Please answer the following.\n\n{t}",
@@ -105,7 +113,7 @@ def build(setting: str, rows: Iterable[dict[str, Any]], rule: SplitRule) -> Buil
         elif split in ("validation", "test"):
             held.append(row)
     built = {"standard": lambda: Built([r for _, r in pool]), "redundant": lambda: _redundant(pool, rule),
-             "noisy": lambda: _noisy(pool, rule)}[setting]()
+             "noisy": lambda: _noisy(pool, rule), "targeted": lambda: _targeted(pool)}[setting]()
     built.rows = built.rows + held
     built.manifest |= {"setting": setting, "rule": rule.__dict__, "input_splits": dict(sorted(counts.items())),
                        "pool_rows": len(built.rows) - len(held), "held_out_rows": len(held)}
@@ -158,6 +166,15 @@ def _noisy(pool: list[tuple[str, dict[str, Any]]], rule: SplitRule) -> Built:
     return Built(rows, {"corrupted": corrupted, "corrupted_rows": len(corrupted), "pairs_held_out_skipped": skipped})
 
 
+def _targeted(pool: list[tuple[str, dict[str, Any]]]) -> Built:
+    """The pool without the target source, but for its ``TARGET_EXAMPLES`` examples (lowest hash)."""
+    own = sorted((unit_hash(uid, "target"), uid) for uid, row in pool if row.get("source") == TARGET_SOURCE)
+    target = sorted(uid for _, uid in own[:TARGET_EXAMPLES])
+    keep = set(target)
+    rows = [row for uid, row in pool if row.get("source") != TARGET_SOURCE or uid in keep]
+    return Built(rows, {"target_source": TARGET_SOURCE, "target": target, "target_source_dropped": len(own) - len(target)})
+
+
 def read_rows(data: Path, keep: Any = lambda row: True) -> list[dict[str, Any]]:
     rows = []
     for f in sorted(data.glob("*.jsonl")):
@@ -167,7 +184,8 @@ def read_rows(data: Path, keep: Any = lambda row: True) -> list[dict[str, Any]]:
 
 
 def write(built: Built, out: Path) -> Path:
-    """``out/corpus/<source>.jsonl`` and ``out/setting.json``; written once (a ``.done`` marker)."""
+    """``out/corpus/<source>.jsonl``, ``out/setting.json`` (and ``out/target.txt``, the targeted
+    setting's target uids); written once (a ``.done`` marker)."""
     corpus = out / "corpus"
     if (out / ".done").exists():
         return corpus
@@ -178,6 +196,8 @@ def write(built: Built, out: Path) -> Path:
     for source, rows in sorted(by_source.items()):
         (corpus / f"{source}.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (out / "setting.json").write_text(json.dumps(built.manifest, indent=1, sort_keys=True))
+    if built.manifest.get("target"):
+        (out / "target.txt").write_text("".join(uid + "\n" for uid in built.manifest["target"]))
     (out / ".done").write_text("ok\n")
     return corpus
 

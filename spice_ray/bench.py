@@ -64,6 +64,8 @@ class BenchSection(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], description="Seeds: selection (random elements) and training.")
     fractions: list[float] = Field(default_factory=lambda: [0.1], description="Budgets of arms without their own.")
     splits: list[str] = Field(default_factory=lambda: ["validation", "test"], description="Held-out splits to evaluate on.")
+    sources: list[str] | None = Field(
+        None, min_length=1, description="Evaluate on these held-out sources only (a targeted setting: the target's); None: all.")
     baseline: str = Field("random", description="The arm others are paired against.")
     full: str | None = Field("full", description="The full-data arm, for the share of the gap closed (None: none).")
     keep_models: bool = Field(False, description="Keep each cell's trained model (else deleted once evaluated).")
@@ -99,14 +101,17 @@ def _budget_name(fraction: float) -> str:
 # ------------------------------------------------------------------------------------------- eval
 
 
-def holdout_rows(holdout: str, splits: list[str], tokenizer: Any, max_tokens: int) -> dict[str, list[dict[str, list[int]]]]:
-    """Tokenized held-out rows per ``<split>/<source>`` set."""
+def holdout_rows(holdout: str, splits: list[str], tokenizer: Any, max_tokens: int,
+                 sources: list[str] | None = None) -> dict[str, list[dict[str, list[int]]]]:
+    """Tokenized held-out rows per ``<split>/<source>`` set (of ``sources`` only, when given)."""
     from spice_ray.evaluate import encode_records, holdout_sets
 
     out: dict[str, list[dict[str, list[int]]]] = {}
     with tempfile.TemporaryDirectory(prefix="spice-bench-") as tmp:
         for split in splits:
             for source, info in holdout_sets(f"{holdout}/{split}.parquet", Path(tmp) / split).items():
+                if sources is not None and source not in sources:
+                    continue
                 out[f"{split}/{source}"], _ = encode_records(info["records"], tokenizer, max_tokens=max_tokens)
     return out
 
@@ -160,7 +165,10 @@ class Bench:
     def rows(self) -> dict[str, Any]:
         if self._rows is None:
             self._rows = holdout_rows(self.ingest["holdout"], self.bench.splits, self.tokenizer,
-                                      self.cfg.eval.max_tokens or self.cfg.corpus.max_tokens)
+                                      self.cfg.eval.max_tokens or self.cfg.corpus.max_tokens, self.bench.sources)
+            missing = sorted(set(self.bench.sources or []) - {name.split("/", 1)[1] for name in self._rows})
+            if missing:
+                raise ConfigError(f"bench.sources: no held-out rows of {', '.join(missing)}")
         return self._rows
 
     def eval_model(self, model: str) -> dict[str, Any]:
@@ -170,8 +178,11 @@ class Bench:
 
     def base(self) -> dict[str, Any]:
         """The base model's held-out losses (computed once)."""
-        return self._cached("bench/base", {"inputs": self.inputs_key, "splits": self.bench.splits},
+        return self._cached("bench/base", {"inputs": self.inputs_key, "splits": self.bench.splits} | self._sources_key(),
                             lambda out: {"eval": self.eval_model(self.models["target"])})
+
+    def _sources_key(self) -> dict[str, Any]:
+        return {"sources": self.bench.sources} if self.bench.sources else {}  # absent: the keys of earlier benches hold
 
     def _cached(self, rel: str, key_data: dict[str, Any], compute: Any) -> dict[str, Any]:
         key = _digest(key_data)
@@ -192,7 +203,8 @@ class Bench:
         cfg.select, cfg.train.seed = select, seed
         rel = f"bench/cells/{arm.name}/{_budget_name(fraction)}/s{seed}"
         key_data = {"inputs": self.inputs_key, "select": select.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
-                    "model": cfg.model.model_dump(mode="json"), "max_tokens": cfg.corpus.max_tokens, "splits": self.bench.splits}
+                    "model": cfg.model.model_dump(mode="json"), "max_tokens": cfg.corpus.max_tokens, "splits": self.bench.splits,
+                    **self._sources_key()}
         return self._cached(rel, key_data, lambda out: self._run_cell(cfg, arm, fraction, seed, out))
 
     def arm(self, name: str) -> Arm:

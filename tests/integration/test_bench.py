@@ -110,3 +110,33 @@ def test_paired_difference_and_gap_closed():
     assert rows["a"]["vs_baseline"]["mean"] == pytest.approx(-0.1)
     assert rows["a"]["gap_closed"] == pytest.approx(0.1 / 0.5)
     assert (rows["a"]["sources_not_worse"], rows["a"]["sources"]) == (1, 2)
+
+
+def test_bench_aimed_at_a_target(tmp_path):
+    """The targeted setting's mechanics: select.target (pool uids) is never picked by any arm, and
+    bench.sources scores the named held-out source only."""
+    import pyarrow.parquet as pq
+
+    from spice_ray.pipeline import run_pipeline
+
+    data = BENCH | {"bench": {"arms": [
+        {"name": "random", "select": {"method": "random"}},
+        {"name": "less", "select": {"method": "less"}},
+        {"name": "spice", "select": {"method": "spice", "target_pool": 0.5}},
+    ], "seeds": [0], "splits": ["test"], "full": None, "sources": ["arithmetic"]}}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg, _ = load_bench(path, [f"run.root={tmp_path / 'root'}"])
+    sketches = run_pipeline(cfg, stages=["ingest", "sketch"], executor=LocalExecutor(), record=False)["sketch"].result["sketches"]
+    uids = sorted(pq.read_table(sketches, columns=["uid"]).column("uid").to_pylist())
+    target = uids[::20]
+    (tmp_path / "target.txt").write_text("\n".join(target) + "\n")
+    cfg, bench = load_bench(path, [f"run.root={tmp_path / 'root'}", f"select.target={tmp_path / 'target.txt'}"])
+    summary = run_bench(cfg, bench, LocalExecutor())
+    for cell in summary["cells"]:
+        assert set(cell["eval"]["test"]["sources"]) == {"arithmetic"}
+        picked = pq.read_table(tmp_path / "root" / "bench" / "cells" / cell["arm"] / "f0.1" / "s0" / "select" / "selection.parquet")
+        assert not set(picked.column("uid").to_pylist()) & set(target)
+        assert cell["k"] == round(0.1 * (len(uids) - len(target)))
+    with pytest.raises(Exception, match="no held-out rows of nope"):
+        run_bench(cfg, BenchSection.model_validate(data["bench"] | {"sources": ["nope"]}), LocalExecutor())

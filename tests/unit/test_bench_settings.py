@@ -1,4 +1,4 @@
-"""benchmarks/settings.py: the redundant and noisy pools are deterministic and never touch held-out rows."""
+"""benchmarks/settings.py: the redundant, noisy and targeted pools are deterministic and never touch held-out rows."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_unknown_setting_is_refused():
         settings.build("tiny", _rows(), RULE)
 
 
-@pytest.mark.parametrize("setting", ["standard", "redundant", "noisy"])
+@pytest.mark.parametrize("setting", ["standard", "redundant", "noisy", "targeted"])
 def test_held_out_rows_are_the_standard_ones_and_nothing_changed_lands_in_them(setting):
     rows = _rows()
     built = settings.build(setting, rows, RULE)
@@ -78,3 +78,20 @@ def test_noisy_swaps_responses_within_a_source_at_similar_length():
         donor = next(r for r in rows if r["output"] == wrong["output"])
         assert donor["source"] == right["source"], "the wrong answer comes from the same source"
         assert abs(len(wrong["output"].split()) - len(right["output"].split())) <= 2, "and has about the same length"
+
+
+def test_targeted_keeps_only_the_target_examples_of_the_target_source(tmp_path, monkeypatch):
+    monkeypatch.setattr(settings, "TARGET_SOURCE", "beta")
+    monkeypatch.setattr(settings, "TARGET_EXAMPLES", 20)
+    rows = _rows()
+    built = settings.build("targeted", rows, RULE)
+    pool = {u: r for u, r in _by_uid(rows).items() if RULE.of(u) == "pool"}
+    out = {u: r for u, r in _by_uid(built.rows).items() if RULE.of(u) == "pool"}
+    target = built.manifest["target"]
+    assert len(target) == 20 and target == sorted(target)
+    assert {u for u, r in out.items() if r["source"] == "beta"} == set(target), "of the target source, only its examples stay"
+    assert {u for u, r in out.items() if r["source"] != "beta"} == {u for u, r in pool.items() if r["source"] != "beta"}
+    assert built.manifest["target_source_dropped"] == sum(r["source"] == "beta" for r in pool.values()) - 20
+    assert any(r["source"] == "beta" and RULE.held_out(u) for u, r in _by_uid(built.rows).items()), "its held-out rows stay"
+    settings.write(built, tmp_path)
+    assert (tmp_path / "target.txt").read_text().split() == target
