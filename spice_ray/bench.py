@@ -205,7 +205,10 @@ class Bench:
         key_data = {"inputs": self.inputs_key, "select": select.model_dump(mode="json"), "train": cfg.train.model_dump(mode="json"),
                     "model": cfg.model.model_dump(mode="json"), "max_tokens": cfg.corpus.max_tokens, "splits": self.bench.splits,
                     **self._sources_key()}
-        return self._cached(rel, key_data, lambda out: self._run_cell(cfg, arm, fraction, seed, out))
+        result = self._cached(rel, key_data, lambda out: self._run_cell(cfg, arm, fraction, seed, out))
+        if "seconds" not in result["train"] and self.store.exists(f"{rel}/train/train_summary.json"):  # a cell of an older bench
+            result["train"]["seconds"] = json.loads(self.store.read_text(f"{rel}/train/train_summary.json")).get("wall_seconds")
+        return result
 
     def arm(self, name: str) -> Arm:
         found = [a for a in self.bench.arms if a.name == name]
@@ -230,7 +233,7 @@ class Bench:
                   "selection": {k: summary.get(k) for k in ("method", "alpha", "lam", "scale", "quota", "logdet", "mean_conflict",
                                                             "loss_tokens", "budget")},
                   "source_mix": self._source_mix(pq.read_table(selection, columns=["uid"]).column("uid").to_pylist()),
-                  "train": {k: train.get(k) for k in ("steps", "tokens", "loss", "n_train_rows")},
+                  "train": {k: train.get(k) for k in ("steps", "tokens", "loss", "n_train_rows")} | {"seconds": train.get("wall_seconds")},
                   "eval": self.eval_model(train["model"])}
         if not self.bench.keep_models:  # the numbers are kept; a model per cell would fill the disk
             self.store.delete(f"{rel}/train/model")
@@ -280,7 +283,8 @@ def summarize(cells: list[dict[str, Any]], base: dict[str, Any], bench: BenchSec
                 mean, sd = _mean_sd(losses)
                 row: dict[str, Any] = {"arm": arm.name, "fraction": fraction, "seeds": len(mine), "loss": mean, "sd": sd,
                                        "tokens": statistics.fmean(c["train"]["tokens"] for c in mine), "steps": mine[0]["train"]["steps"],
-                                       "source_mix": _mean_mix([c["source_mix"] for c in mine])}
+                                       "source_mix": _mean_mix([c["source_mix"] for c in mine]), "train_seconds": _mean_of(
+                                           [c["train"].get("seconds") for c in mine])}
                 pairs = [(c, by.get((bench.baseline, fraction, c["seed"]))) for c in mine]
                 pairs = [(c, b) for c, b in pairs if b is not None]
                 if pairs and arm.name != bench.baseline:
@@ -292,6 +296,11 @@ def summarize(cells: list[dict[str, Any]], base: dict[str, Any], bench: BenchSec
                 rows[split].append(row)
     base_loss = {split: base["eval"][split]["overall"]["loss"] for split in bench.splits}
     return {"base": base_loss, "splits": rows, "per_source": _per_source(cells, base, bench)}
+
+
+def _mean_of(xs: list[float | None]) -> float | None:
+    known = [x for x in xs if x is not None]
+    return statistics.fmean(known) if known else None
 
 
 def _mean_mix(mixes: list[dict[str, int]]) -> dict[str, float]:
@@ -327,7 +336,7 @@ def table_rows(summary: dict[str, Any], bench: BenchSection, split: str) -> tupl
     """The comparison of one split as column names and rows of formatted cells (the Markdown table of
     ``results.md`` and the terminal's table show the same cells)."""
     columns = ["arm", "budget", f"loss (mean ± sd, {len(bench.seeds)} seeds)", f"Δ vs {bench.baseline} (95% CI)",
-               "sources not worse", "gap to full closed", "tokens", "steps"]
+               "sources not worse", "gap to full closed", "tokens", "steps", "train s"]
     rows = []
     for r in summary["splits"][split]:
         vs = r.get("vs_baseline")
@@ -339,7 +348,8 @@ def table_rows(summary: dict[str, Any], bench: BenchSection, split: str) -> tupl
             loss = f"{r['loss']:.4f} (1 seed)"
         elif r["seeds"] != len(bench.seeds):
             loss += f" ({r['seeds']} seeds)"
-        rows.append([r["arm"], f"{r['fraction']:g}", loss, delta, nw, gap, f"{r['tokens']:.0f}", str(r["steps"])])
+        train_s = f"{r['train_seconds']:.0f}" if r.get("train_seconds") is not None else "—"
+        rows.append([r["arm"], f"{r['fraction']:g}", loss, delta, nw, gap, f"{r['tokens']:.0f}", str(r["steps"]), train_s])
     return columns, rows
 
 
@@ -354,6 +364,9 @@ def markdown(summary: dict[str, Any], bench: BenchSection) -> str:
         lines += [f"### {split_title(summary, split)}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
         lines += ["| " + " | ".join(row) + " |" for row in rows]
         lines.append("")
+    if summary.get("sketch_seconds") is not None:
+        lines += [f"The selection's own cost: sketching the pool took {summary['sketch_seconds']:.0f} s (the proxy's forward "
+                  "and backward pass over every pool record), beside each arm's training seconds (`train s`).", ""]
     return "\n".join(lines)
 
 
@@ -414,6 +427,8 @@ def run_bench(cfg: Config, bench: BenchSection, executor: Executor | None = None
     progress.update("bench (cells)", len(todo), len(todo))
     summary = summarize(cells, base, bench)
     summary["cells"] = cells
+    if not state.sketch.get("n_cached"):  # sketched here, not taken from the cache: its seconds are its cost
+        summary["sketch_seconds"] = state.sketch.get("compute_seconds")
     state.store.write_text("bench/results.json", json.dumps(summary, indent=2, sort_keys=True))
     table = markdown(summary, bench)
     state.store.write_text("bench/results.md", table)

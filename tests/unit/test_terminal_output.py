@@ -138,7 +138,7 @@ def _summary(diffs: list[float]) -> tuple[dict, BenchSection]:
                                          "seeds": seeds, "splits": ["test"]})
 
     def cell(arm, fraction, seed, loss):
-        return {"arm": arm, "fraction": fraction, "seed": seed, "source_mix": {"x": 1}, "train": {"tokens": 10, "steps": 5},
+        return {"arm": arm, "fraction": fraction, "seed": seed, "source_mix": {"x": 1}, "train": {"tokens": 10, "steps": 5, "seconds": 2.0 + seed},
                 "eval": {"test": {"overall": {"loss": loss, "tokens": 10}, "sources": {"x": {"loss": loss, "tokens": 10}}}}}
 
     cells = [cell("random", 0.1, s, 1.40 + 0.001 * s) for s in seeds]
@@ -167,9 +167,11 @@ def test_full_arm_with_one_seed_and_the_gap_note():
     cells = {r[0]: r for r in rows}
     assert cells["full"][2] == "1.3000 (1 seed)" and "±" in cells["spice"][2]
     assert columns[2] == "loss (mean ± sd, 3 seeds)"
+    assert columns[-1] == "train s" and cells["spice"][-1] == "3" and cells["full"][-1] == "2"  # mean wall seconds over seeds
     note = full_data_note(summary, bench, "test")
     assert note.startswith("All the data (1 seed): held-out test loss 1.3000") and "spice closes" in note
     assert markdown(summary, bench).splitlines()[2] == "| " + " | ".join(columns) + " |"
+    assert "sketching the pool took 363 s" in markdown(summary | {"sketch_seconds": 363.0}, bench)
 
 
 @pytest.mark.parametrize("terminal", [True, False])
