@@ -8,8 +8,6 @@ path as a real checkpoint, so all of them see identical weights.
 
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +23,7 @@ from transformers import (
 )
 
 from spice_ray.models import BUILTIN_PREFIX, is_builtin  # noqa: F401  (re-exported)
+from spice_ray.storage import publish_once
 
 SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -125,8 +124,5 @@ def materialize_builtin(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # unique per writer
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another writer finished first: theirs is the same model
-        shutil.rmtree(tmp, ignore_errors=True)
+    publish_once(tmp, out)  # unless another writer finished first: theirs is the same model
     return out

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from spice_ray.storage import publish_once, replace_atomically
+
 logger = logging.getLogger(__name__)
 
 DEMO_PRETRAIN = {"rows": 3000, "seed": 7, "steps": 300, "block_size": 128, "batch_size": 16, "lr": 3e-3}
@@ -90,7 +92,7 @@ def pretrain(model_path: str, texts: list[str], out_dir: str | Path, *, steps: i
     (tmp / "pretrain.json").write_text(json.dumps(log | {"losses": losses}, indent=1))
     if out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_atomically(tmp, out)
     logger.info("pretrained %s for %d steps: loss %.3f → %.3f (%.0f s)", model_path, steps, log["loss_first"], log["loss_last"], log["seconds"])
     return log
 
@@ -124,8 +126,5 @@ def materialize_pretrained_builtin(base: str, out_dir: str | Path, seed: int = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     shutil.copytree(cache, tmp_out, dirs_exist_ok=True)
-    try:
-        os.replace(tmp_out, out)
-    except OSError:  # another writer finished first
-        shutil.rmtree(tmp_out, ignore_errors=True)
+    publish_once(tmp_out, out)  # unless another writer finished first
     return out
