@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from spice_ray.executor import RecordBatches, Resources
+from spice_ray.executor_types import RecordBatches, Resources
 from spice_ray.logs import drop_native_lines
 from spice_ray.storage import is_uri
 
