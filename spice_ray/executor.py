@@ -9,51 +9,26 @@ executor says *where*.
   Ray Data actor pool, Ray tasks and Ray Train workers. It is the only module that talks to Ray
   about resources.
 
-Both produce the same artifacts bit for bit on CPU (``tests/e2e/test_pipeline.py``).
+Both produce the same artifacts bit for bit on CPU (``tests/e2e/test_pipeline.py``). What they
+share (:class:`Resources`, :class:`RecordBatches`) lives in :mod:`spice_ray.executor_types` and is
+re-exported here, so ``ray_executor`` never imports this module (which imports it in ``make_executor``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 
+from spice_ray.executor_types import RecordBatches, Resources  # defined there, shared with ray_executor
+
 logger = logging.getLogger(__name__)
 
 EXECUTORS = ("ray", "local")
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one unit of a stage's work needs. ``gpus=None``: one GPU if the executor has any.
-    ``custom``: custom Ray resources of each unit (``ray start --resources`` names: a node pool, a
-    label); they place work on the nodes that have them, and the local executor ignores them."""
-
-    cpus: float = 1.0
-    gpus: float | None = None
-    workers: int = 1
-    custom: Mapping[str, float] = field(default_factory=dict, hash=False)
-
-    @property
-    def threads(self) -> int:
-        """torch intra-op threads for this much CPU (Ray sets OMP_NUM_THREADS the same way)."""
-        return max(1, int(self.cpus))
-
-
-@dataclass(frozen=True)
-class RecordBatches:
-    """Records to feed a batch worker: ``records`` parquet, only ``uids`` (None: all), ``batch_size``
-    rows a batch, grouped by length (``n_tokens``)."""
-
-    records: str
-    columns: tuple[str, ...]
-    uids: frozenset[str] | None
-    batch_size: int
 
 
 class Executor(Protocol):

@@ -27,8 +27,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from spice_ray.executor import RecordBatches, Resources
+from spice_ray.executor_types import RecordBatches, Resources
 from spice_ray.logs import drop_native_lines
+from spice_ray.storage import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def prune_unregistered_checkpoints(run_dir: str, result: Any) -> None:
 
     kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
     path = Path(run_dir)
-    if "://" in run_dir or not kept or not path.is_dir():
+    if is_uri(run_dir) or not kept or not path.is_dir():
         return
     for d in path.glob("checkpoint_*"):
         if d.is_dir() and d.name not in kept:

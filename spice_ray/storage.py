@@ -24,7 +24,14 @@ REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
 
 def is_remote(uri: str) -> bool:
+    """An object store URI (``s3://``, ``gs://``, ``gcs://``): one that is downloaded, cached, timed out."""
     return uri.startswith(REMOTE_SCHEMES)
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """Anything with a scheme (``s3://``, ``gs://``, ``file://`` …), not a plain local path or a hub id.
+    Wider than :func:`is_remote`: what pyarrow's filesystems, not ``pathlib``, should open."""
+    return "://" in str(path)
 
 
 S3_CONNECT_TIMEOUT_S = 5.0  # an unreachable endpoint fails in seconds, not minutes
@@ -42,6 +49,13 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     sets its own options)."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return uri_filesystem(uri)
+
+
+def uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``pyarrow.fs.FileSystem.from_uri(uri)``, but S3 gets the timeouts, attempts and endpoint of
+    :func:`s3_options` (unless the URI's query sets its own options). Every URI goes through here,
+    never through ``from_uri`` directly."""
     fs, path = pafs.FileSystem.from_uri(uri)
     if isinstance(fs, pafs.S3FileSystem) and "?" not in uri:
         fs = pafs.S3FileSystem(region=fs.region, **s3_options())
@@ -217,6 +231,38 @@ class Store:
             Path(local).mkdir(exist_ok=True)
         pafs.copy_files(info.path, str(local), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem())
         return True
+
+
+def replace_atomically(src: str | Path, dst: str | Path) -> None:
+    """Rename local ``src`` to ``dst`` in one step (``os.replace``): readers see the old ``dst`` or
+    the new one, never a half-written one. A file replaces a file; a directory replaces only an
+    absent (or empty) directory, else ``OSError`` (see :func:`publish_once`, :func:`replace_dir`)."""
+    os.replace(src, dst)
+
+
+def publish_once(tmp: str | Path, dst: str | Path) -> bool:
+    """Rename the finished local directory ``tmp`` to ``dst`` unless another writer got there first
+    (its ``dst`` is kept, ``tmp`` removed; False). For content that any writer makes identically."""
+    try:
+        os.replace(tmp, dst)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the finished local directory ``src`` to ``dst``, replacing an older ``dst`` (a rerun's):
+    the old one is renamed aside (``.<name>.old-<pid>``), the new one renamed in, then the old one
+    deleted, so ``dst`` is always a whole directory except between the two renames."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:

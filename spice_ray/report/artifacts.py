@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from spice_ray.storage import is_uri
+
 log = logging.getLogger(__name__)
 
 REPORT_STAGES = ("ingest", "sketch", "select", "train", "eval")
@@ -209,7 +211,7 @@ class RunArtifacts:
 
 def _first_existing(*candidates: Any) -> Path | None:
     for c in candidates:
-        if isinstance(c, str | Path) and str(c) and "://" not in str(c):
+        if isinstance(c, str | Path) and str(c) and not is_uri(c):
             p = Path(c)
             if p.exists():
                 return p

@@ -144,7 +144,7 @@ def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_pat
     by the shards on their rows with the driver's global token factors and median.
     """
     from spice_ray.select.io import read_record_sources
-    from spice_ray.select.stage import checkpoint_dir, write_selection
+    from spice_ray.select.output import checkpoint_dir, write_selection
 
     t0 = time.perf_counter()
     uids = read_sketch_uids(str(sketches_path))

@@ -63,6 +63,7 @@ from typing import Any
 import torch
 
 from spice_ray.config import ModelConfig, TrainConfig
+from spice_ray.storage import is_uri, replace_atomically, replace_dir, uri_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ class LocalSession:
         tmp = self.root / f".tmp-checkpoint_{index:06d}"  # a crash mid-copy leaves no half checkpoint
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(checkpoint_dir, tmp)
-        os.replace(tmp, self.root / f"checkpoint_{index:06d}")
+        replace_atomically(tmp, self.root / f"checkpoint_{index:06d}")
         for old in self._checkpoints()[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -288,23 +289,12 @@ def _set_schedule(scheduler: Any, schedule: Any) -> None:
 # ------------------------------------------------------------------------------------------- export
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished ``src`` to ``dst``, replacing an older ``dst`` (a rerun's export)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def publish_dir(local: Path, uri: str) -> None:
     """Copy a finished local directory to a pyarrow-fs URI (files of an older copy are overwritten;
     object stores have no atomic rename, so readers should wait for the stage's completion marker)."""
     import pyarrow.fs as pafs
 
-    fs, path = pafs.FileSystem.from_uri(uri)
+    fs, path = uri_filesystem(uri)
     fs.create_dir(path, recursive=True)
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
@@ -370,7 +360,7 @@ def export_model(
 
     from peft import set_peft_model_state_dict
 
-    remote = "://" in export_dir
+    remote = is_uri(export_dir)
     if remote:  # write locally, then copy to the pyarrow-fs URI (s3://, gs://, ...)
         tmp = Path(tempfile.mkdtemp(prefix="spice-export-"))
     else:
@@ -404,7 +394,7 @@ def export_model(
         publish_dir(tmp, export_dir)
         shutil.rmtree(tmp, ignore_errors=True)
     else:
-        _replace_dir(tmp, dst)
+        replace_dir(tmp, dst)
     out["export_seconds"] = round(time.time() - t0, 3)
     logger.info("exported the trained model to %s in %.1f s", export_dir, out["export_seconds"])
     return out

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from spice_ray.config import Config, TrainConfig
 from spice_ray.executor import Executor, Resources
+from spice_ray.storage import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def training_rows(records_path: str, selection_path: str, tokenizer: Any, *, max
 def _abs(path: str) -> str:
     """A local path made absolute (workers run elsewhere); a URI or hub id unchanged."""
     local = os.path.expanduser(path)
-    return os.path.abspath(local) if "://" not in path and os.path.exists(local) else path
+    return os.path.abspath(local) if not is_uri(path) and os.path.exists(local) else path
 
 
 def plan_steps(n_rows: int, tcfg: TrainConfig) -> dict[str, int]:
