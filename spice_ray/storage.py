@@ -5,7 +5,8 @@ Credentials come from the environment as pyarrow reads them (``AWS_ACCESS_KEY_ID
 never part of a URI we log or store. Paths under a root cannot escape it (``..`` is refused).
 
 Writes are atomic: a local file is written under a temporary name and renamed; an object store PUT
-of one object is atomic by itself.
+of one object is atomic by itself. A local parquet file too large to hold in memory is streamed the
+same way (:class:`AtomicParquet`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
@@ -279,6 +282,53 @@ def move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
         if info.type == pafs.FileType.File:
             fs.copy_file(info.path, f"{dst.rstrip('/')}{info.path[len(src):]}")
     fs.delete_dir(src)
+
+
+class AtomicParquet:
+    """A local parquet file written under a temporary name, renamed into place on commit. Rows come as
+    tables of any size and are written in row groups of exactly ``row_group`` rows (the last one
+    shorter), so the file's bytes depend only on its rows, not on how they arrived."""
+
+    def __init__(self, path: Path, schema: pa.Schema, row_group: int) -> None:
+        self.path = path
+        self.schema = schema
+        self.row_group = row_group
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.n_pending += table.num_rows
+        if self.n_pending >= self.row_group:
+            self._write(whole=False)
+
+    def _write(self, whole: bool) -> None:
+        """Write the pending rows in row groups of ``row_group`` (keeping a short tail unless ``whole``)."""
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        size = self.row_group
+        n = table.num_rows if whole else table.num_rows - table.num_rows % size
+        for start in range(0, n, size):
+            self.writer.write_table(table.slice(start, min(size, n - start)).combine_chunks())
+        rest = table.slice(n)
+        self.pending, self.n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+        self.rows += n
+
+    def commit(self) -> None:
+        self._write(whole=True)
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def ensure_local(uri: str, cache_dir: str | Path | None = None) -> str:
