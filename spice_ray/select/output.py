@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spice_ray.select.greedy import Selection
+from spice_ray.select.selection import Selection
 from spice_ray.select.resume import PickCheckpoint
 from spice_ray.storage import Store
 
