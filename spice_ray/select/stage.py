@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from spice_ray.config import SelectConfig
+from spice_ray.select.factory import refusal, stage_device
 from spice_ray.select.greedy import select
 from spice_ray.select.io import read_sketches, read_target
 from spice_ray.select.output import checkpoint_dir, write_selection
@@ -121,13 +122,11 @@ def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, execut
 
     resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus, custom=cfg.resources)
     if cfg.shards > 1:
-        from spice_ray.select.sharding import refusal
-
         why = refusal(cfg.method, executor.name, cfg.budget, cfg.target)
         if why is None:
             from spice_ray.select.ray_shards import run_sharded
 
             return run_sharded(sketches_path, out_dir, cfg, records_path=records_path)
         log.warning("select.shards=%d not used: %s; selecting in one worker", cfg.shards, why)
-    device = cfg.device or ("cuda" if executor.gpus(resources) > 0 and cfg.budget == "records" else "numpy")
+    device = stage_device(cfg.device, executor.gpus(resources), cfg.budget)
     return executor.call(select_to_dir, str(sketches_path), str(out_dir), cfg, device=device, records_path=records_path, resources=resources)
