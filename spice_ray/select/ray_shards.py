@@ -28,10 +28,10 @@ import ray
 from spice_ray.config import SelectConfig
 from spice_ray.select.engines import row_norms_sq
 from spice_ray.select.factory import default_lazy, stage_device
-from spice_ray.select.selection import Selection
 from spice_ray.select.io import read_sketch_column, read_sketch_uids, read_sketches
 from spice_ray.select.prepare import token_factors
 from spice_ray.select.resume import fingerprint_data
+from spice_ray.select.selection import Selection
 from spice_ray.select.sharding import SHARDABLE, ShardWorker, select_over_workers, shard_bounds
 
 log = logging.getLogger(__name__)
