@@ -1,7 +1,8 @@
 """The per-worker train loop: DeepSpeed ZeRO on the selection, under Ray Train or in one plain process.
 
-``train_loop_per_worker(config)`` is what ``TorchTrainer`` runs; ``run_loop(config, session)`` is the
-loop itself, with ``session`` the only thing that differs between Ray Train (:class:`RaySession`) and
+``run_loop(config, session)`` is the loop, the worker function the train stage hands its executor
+(``executor.train(run_loop, config, ...)``, as one hands ``TorchTrainer`` its ``train_func``), with
+``session`` the only thing that differs between Ray Train (:class:`RaySession`) and
 one process without Ray (:class:`LocalSession`, used by ``benchmarks/train_overhead.py`` to measure
 what the Ray Train wrapper costs). ``config`` is a plain dict built by
 ``spice_ray.train.trainer.loop_config``:
@@ -69,7 +70,16 @@ from spice_ray.train.engine import (
 )
 from spice_ray.train.engine import build_model as _build_model  # noqa: F401 - tests import it from here
 from spice_ray.train.export import export_model, publish_dir
-from spice_ray.train.session import STATE_FILE, LocalSession, Progress, RaySession, Reporter, local_process_group, resume
+from spice_ray.train.session import (
+    STATE_FILE,
+    LocalSession,
+    Progress,
+    RaySession,
+    Reporter,
+    local_process_group,
+    ray_train_worker,
+    resume,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,9 +92,8 @@ __all__ = [
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any] | None:
-    """What ``TorchTrainer`` runs on each worker (torch.distributed already set up by Ray Train)."""
-    logging.basicConfig(level=logging.INFO)
-    return run_loop(config, RaySession())
+    """``run_loop`` on a Ray Train worker (what the Ray executor runs, given ``run_loop``)."""
+    return ray_train_worker(run_loop, config)
 
 
 def run_loop(config: dict[str, Any], session: Any) -> dict[str, Any] | None:

@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,13 @@ class RaySession:
 
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def ray_train_worker(train_func: Callable[[dict[str, Any], Any], Any], config: dict[str, Any]) -> Any:
+    """``train_func(config, RaySession())`` with INFO logging: what ``TorchTrainer`` runs on each
+    worker (torch.distributed already set up by Ray Train), with ``train_func`` bound."""
+    logging.basicConfig(level=logging.INFO)
+    return train_func(config, RaySession())
 
 
 class LocalSession:

@@ -3,8 +3,8 @@
 ``run_train_stage`` reads the records, keeps the selected uids, tokenizes them (response-only
 labels), puts them in a seeded order (``train.seed``) and writes them to ``<out_dir>/rows.parquet``:
 the exact rows and order that are trained on, known (and checked) before any worker starts. The
-executor then runs ``spice_ray.train.loop.run_loop`` over them: ``train.num_workers`` Ray Train
-workers (Ray), or one worker in this process (local). The engine is plain torch at one worker and
+executor then runs the worker function it is given, ``spice_ray.train.loop.run_loop``, over them:
+``train.num_workers`` Ray Train workers (Ray), or one worker in this process (local). The engine is plain torch at one worker and
 DeepSpeed ZeRO where sharding or offload is needed (``spice_ray.train.engine``).
 
 Layout under ``out_dir`` (the pipeline gives every set of training inputs its own ``out_dir``):
@@ -169,6 +169,7 @@ def run_train_stage(
     """
     from spice_ray.models import load_tokenizer
     from spice_ray.storage import Store
+    from spice_ray.train.loop import run_loop
 
     t0 = time.time()
     tcfg = cfg.train
@@ -190,7 +191,7 @@ def run_train_stage(
         pad_id=tokenizer.pad_token_id, total_steps=plan["planned_steps"],
     )
     ret, checkpoint = executor.train(
-        config, rows=store.uri(ROWS_FILE), storage=store.uri(CHECKPOINTS), resources=resources,
+        run_loop, config, rows=store.uri(ROWS_FILE), storage=store.uri(CHECKPOINTS), resources=resources,
         max_failures=tcfg.max_failures, keep=tcfg.keep_checkpoints, **fault_drills(callbacks, data_config),
     )
     store.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in ret["history"]))
