@@ -5,8 +5,13 @@ for them. Import them from :mod:`spice_ray.executor`, which re-exports them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
+
+# A train worker's function, given to ``Executor.train`` as ``TorchTrainer`` is given its
+# ``train_func``: ``(loop config, session) -> rank 0's result`` (``spice_ray.train.loop.run_loop``).
+TrainFunc = Callable[[dict[str, Any], Any], dict[str, Any] | None]
 
 
 @dataclass(frozen=True)
