@@ -230,13 +230,13 @@ def bench_engines(n: int, d: int, k: int, lam: float, device: str, old_steps: in
     """Block engine vs per-step torch engine (and numpy lazy, the picks' reference) on one problem."""
     import torch
 
-    from spice_ray.select import greedy as greedy_mod
+    from spice_ray.select import factory as factory_mod
     from spice_ray.select.device_engine import DeviceGreedy
 
     G = sketch_like(n, d, seed=4)
     where = f"{device} (torch {torch.__version__}, {torch.get_num_threads()} threads)"
     select(G[:2000], 20, lam=lam, lazy=False, device=device, diagnostics=False)  # warm-up: kernels, context
-    greedy_mod.DeviceGreedy = functools.partial(DeviceGreedy, block=block)
+    factory_mod.DeviceGreedy = functools.partial(DeviceGreedy, block=block)
     _sync(device)
     t = time.perf_counter()
     new = select(G, k, lam=lam, lazy=False, device=device, diagnostics=False)
@@ -260,13 +260,13 @@ def bench_engines(n: int, d: int, k: int, lam: float, device: str, old_steps: in
 
 def bench_one_engine(n: int, d: int, k: int, lam: float, device: str, engine: str, block: int) -> None:
     """One engine's greedy alone (for whole-process A/B timing of ``block`` vs ``per-step``)."""
-    from spice_ray.select import greedy as greedy_mod
+    from spice_ray.select import factory as factory_mod
     from spice_ray.select.device_engine import DeviceGreedy
 
     G = sketch_like(n, d, seed=4)
     t = time.perf_counter()
     if engine == "block":
-        greedy_mod.DeviceGreedy = functools.partial(DeviceGreedy, block=block)
+        factory_mod.DeviceGreedy = functools.partial(DeviceGreedy, block=block)
         picks = select(G, k, lam=lam, lazy=False, device=device, diagnostics=False).indices.tolist()
     else:
         picks, _ = per_step_torch(G, k, lam, device, k)

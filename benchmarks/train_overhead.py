@@ -133,12 +133,13 @@ def run_ray(cfg, model_dir: Path, table, work: Path, args: argparse.Namespace) -
 
     from spice_ray.executor import Resources
     from spice_ray.ray_executor import RayExecutor
+    from spice_ray.train.loop import run_loop
 
     out = Path(tempfile.mkdtemp(prefix="ray-", dir=work))
     config = loop_cfg(cfg, model_dir, out / "model", args)
     pq.write_table(table, out / "rows.parquet")
     t0 = time.perf_counter()
-    ret, _ = RayExecutor().train(config, rows=str(out / "rows.parquet"), storage=str(out / "checkpoints"),
+    ret, _ = RayExecutor().train(run_loop, config, rows=str(out / "rows.parquet"), storage=str(out / "checkpoints"),
                                  resources=Resources(cpus=float(args.threads), workers=1), max_failures=0, keep=1)
     e2e = time.perf_counter() - t0
     return {"e2e_s": e2e, "step_s": ret["step_seconds"], "steps": ret["final"]["step"], "loss": ret["final"]["loss"],

@@ -2,6 +2,10 @@
 
 Every model forbids unknown keys, so a typo is an error that names the key instead of a silently
 ignored setting. ``load_config`` is the one entry point the CLI, the pipeline and the tests use.
+
+The sections' base model and resources field live in :mod:`spice_ray.config_fields`, YAML reading,
+overrides and error messages in :mod:`spice_ray.config_io`, credential masking in
+:mod:`spice_ray.config_secrets`; their names are importable from here too.
 """
 
 from __future__ import annotations
@@ -9,46 +13,32 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A configuration problem, with a message fit to show a user as is (no traceback)."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")
-
-
-def _custom_resources(value: dict[str, float]) -> dict[str, float]:
-    """Custom Ray resources only: CPUs and GPUs have their own keys, and Ray sets memory itself."""
-    builtin = [name for name in value if name in RAY_BUILTIN_RESOURCES or not name.strip()]
-    if builtin:
-        raise PydanticCustomError(
-            "builtin_resource", "custom resources only, not {names}: CPUs and GPUs have their own keys in this section",
-            {"names": ", ".join(repr(n) for n in builtin)},
-        )
-    return value
-
-
-CustomResources = Annotated[dict[str, Annotated[float, Field(ge=0)]], AfterValidator(_custom_resources)]
-
-
-def _resources_field(unit: str) -> Any:
-    return Field(
-        default_factory=dict,
-        description=f"Custom Ray resources {unit} requests, e.g. {{gpu_pool: 1}}: it runs only on nodes started with "
-        "them (`ray start --resources`). {}: none. The local executor ignores them.",
-    )
+from spice_ray.config_fields import (  # noqa: F401 - re-exported
+    RAY_BUILTIN_RESOURCES,
+    CustomResources,
+    _resources_field,
+    _Section,
+)
+from spice_ray.config_io import (  # noqa: F401 - re-exported
+    MAX_YAML_NODES,
+    ConfigError,
+    _format_error,
+    apply_overrides,
+    read_yaml,
+)
+from spice_ray.config_secrets import (  # noqa: F401 - re-exported
+    _SECRET_QUERY,
+    _URI_USERINFO,
+    REDACTED,
+    _strings,
+    redact,
+)
 
 
 class CorpusConfig(_Section):
@@ -449,96 +439,6 @@ class Config(_Section):
             data = {name: data[name] for name in sections}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
-
-def _strings(value: Any, key: str = "") -> list[tuple[str, str]]:
-    """Every string in a JSON-like value, with its dotted key."""
-    if isinstance(value, dict):
-        return [item for k, v in value.items() for item in _strings(v, f"{key}.{k}" if key else str(k))]
-    if isinstance(value, list):
-        return [item for i, v in enumerate(value) for item in _strings(v, f"{key}[{i}]")]
-    return [(key, value)] if isinstance(value, str) else []
-
-
-def _format_error(err: ValidationError) -> str:
-    lines = []
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
-        if e["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key")
-        elif e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a check across keys: its message names them
-            lines.append(str(e["msg"]).removeprefix("Value error, "))
-        else:
-            got = repr(redact(e.get("input"), key.rsplit(".", 1)[-1]))
-            lines.append(f"{key or '<config>'}: {e['msg']} (got {got[:200]})")
-    return "invalid config: " + "; ".join(lines)
-
-
-def _parse_scalar(text: str) -> Any:
-    """A --set value as YAML would read it: numbers, booleans, null, lists, else a string."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.key=value`` strings to a raw config dict (in place, also returned)."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected section.key=value")
-        dotted, value = item.split("=", 1)
-        keys = dotted.strip().split(".")
-        node = data
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {dotted}: {key} is not a section")
-            node = child
-        node[keys[-1]] = _parse_scalar(value)
-    return data
-
-
-MAX_YAML_NODES = 100_000  # a config has hundreds; a "billion laughs" alias bomb expands to billions
-
-
-def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
-    """Nodes in ``node`` once every alias is expanded (memoized on the shared nodes: linear time)."""
-    if id(node) in memo:
-        return memo[id(node)]
-    memo[id(node)] = 1  # a recursive alias counts once
-    if isinstance(node, yaml.SequenceNode):
-        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
-    elif isinstance(node, yaml.MappingNode):
-        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
-    else:
-        size = 1
-    memo[id(node)] = size
-    return size
-
-
-def read_yaml(path: str | Path) -> Any:
-    """A YAML file's content, or a one-line :class:`ConfigError` (missing, a folder, not UTF-8, not
-    YAML, or an alias bomb: more than ``MAX_YAML_NODES`` nodes once its aliases are expanded)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config file {path} is a directory") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        size = _expanded_size(root, {}) if root is not None else 0
-        if size > MAX_YAML_NODES:
-            raise ConfigError(f"config file {path} expands to {size:,} YAML nodes through its aliases (at most {MAX_YAML_NODES:,})")
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {' '.join(str(e).split())}") from None
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
     data: dict[str, Any] = {}
@@ -552,27 +452,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e)) from None
-
-
-_SECRET_KEY = re.compile(r"(token(?!izer|s\b)|secret|password|passwd|credential|api_key|access_key)", re.IGNORECASE)
-_URI_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
-_SECRET_QUERY = re.compile(r"([?&](?:token|sig|signature|secret|password|key)=)[^&\s]+", re.IGNORECASE)
-REDACTED = "***"
-
-
-def redact(value: Any, key: str = "") -> Any:
-    """A copy of a JSON-like value with credentials masked: values under secret-looking keys,
-    ``user:password@`` in URIs, and secret query parameters. Manifests and saved configs use it."""
-    if isinstance(value, dict):
-        return {k: redact(v, str(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    if isinstance(value, str):
-        if value and _SECRET_KEY.search(key):
-            return REDACTED
-        value = _URI_USERINFO.sub(rf"\1{REDACTED}@", value)
-        return _SECRET_QUERY.sub(rf"\1{REDACTED}", value)
-    return value
 
 
 def dump_config(cfg: Config, *, redacted: bool = False) -> str:

@@ -41,7 +41,7 @@ import torch
 
 from spice_ray.config import Config, CorpusConfig
 from spice_ray.executor import Executor, Resources
-from spice_ray.storage import Store
+from spice_ray.storage import Store, is_uri, uri_filesystem
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +209,12 @@ def evaluate_models(
 @contextlib.contextmanager
 def _local_model(path: str) -> Iterator[str]:
     """A local directory with the model at ``path``: itself, or a temporary copy of a URI (s3://, ...)."""
-    if "://" not in path:
+    if not is_uri(path):
         yield path
         return
     import pyarrow.fs as pafs
 
-    fs, remote = pafs.FileSystem.from_uri(path)
+    fs, remote = uri_filesystem(path)
     with tempfile.TemporaryDirectory(prefix="spice-eval-model-") as tmp:
         pafs.copy_files(remote, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
         yield tmp

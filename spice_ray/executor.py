@@ -9,51 +9,27 @@ executor says *where*.
   Ray Data actor pool, Ray tasks and Ray Train workers. It is the only module that talks to Ray
   about resources.
 
-Both produce the same artifacts bit for bit on CPU (``tests/e2e/test_pipeline.py``).
+Both produce the same artifacts bit for bit on CPU (``tests/e2e/test_pipeline.py``). What they
+share (:class:`Resources`, :class:`RecordBatches`, ``TrainFunc``) lives in
+:mod:`spice_ray.executor_types` and is re-exported here, so ``ray_executor`` never imports this
+module (which imports it in ``make_executor``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
 
+from spice_ray.executor_types import RecordBatches, Resources, TrainFunc  # defined there, shared with ray_executor
+
 logger = logging.getLogger(__name__)
 
 EXECUTORS = ("ray", "local")
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What one unit of a stage's work needs. ``gpus=None``: one GPU if the executor has any.
-    ``custom``: custom Ray resources of each unit (``ray start --resources`` names: a node pool, a
-    label); they place work on the nodes that have them, and the local executor ignores them."""
-
-    cpus: float = 1.0
-    gpus: float | None = None
-    workers: int = 1
-    custom: Mapping[str, float] = field(default_factory=dict, hash=False)
-
-    @property
-    def threads(self) -> int:
-        """torch intra-op threads for this much CPU (Ray sets OMP_NUM_THREADS the same way)."""
-        return max(1, int(self.cpus))
-
-
-@dataclass(frozen=True)
-class RecordBatches:
-    """Records to feed a batch worker: ``records`` parquet, only ``uids`` (None: all), ``batch_size``
-    rows a batch, grouped by length (``n_tokens``)."""
-
-    records: str
-    columns: tuple[str, ...]
-    uids: frozenset[str] | None
-    batch_size: int
 
 
 class Executor(Protocol):
@@ -73,10 +49,13 @@ class Executor(Protocol):
         """``worker(**kwargs)`` applied to every batch of records; yields each result as it is ready."""
         ...
 
-    def train(self, loop_config: dict[str, Any], *, rows: str, storage: str, resources: Resources, max_failures: int, keep: int,
-              callbacks: list[Any] | None = None, data_config: Any | None = None) -> tuple[dict[str, Any], str | None]:
-        """Run the train loop over the tokenized ``rows`` parquet with checkpoints under ``storage``;
-        (rank 0's return value, the latest checkpoint's path)."""
+    def train(self, train_func: TrainFunc, loop_config: dict[str, Any], *, rows: str, storage: str, resources: Resources,
+              max_failures: int, keep: int, callbacks: list[Any] | None = None,
+              data_config: Any | None = None) -> tuple[dict[str, Any], str | None]:
+        """Run ``train_func(loop_config, session)`` on every worker, as ``TorchTrainer(train_func,
+        train_loop_config=loop_config)`` does, over the tokenized ``rows`` parquet with checkpoints under
+        ``storage`` (the session: :mod:`spice_ray.train.session`); (rank 0's return value, the latest
+        checkpoint's path)."""
         ...
 
     def shutdown(self) -> None: ...
@@ -152,14 +131,15 @@ class LocalExecutor:
             for batch in read_record_batches(batches):
                 yield instance(batch)
 
-    def train(self, loop_config: dict[str, Any], *, rows: str, storage: str, resources: Resources, max_failures: int, keep: int,
-              callbacks: list[Any] | None = None, data_config: Any | None = None) -> tuple[dict[str, Any], str | None]:
+    def train(self, train_func: TrainFunc, loop_config: dict[str, Any], *, rows: str, storage: str, resources: Resources,
+              max_failures: int, keep: int, callbacks: list[Any] | None = None,
+              data_config: Any | None = None) -> tuple[dict[str, Any], str | None]:
         import pyarrow.parquet as pq
 
         from spice_ray.config import TrainConfig
         from spice_ray.storage import ensure_local
         from spice_ray.train.engine import resolved_engine
-        from spice_ray.train.loop import LocalSession, local_process_group, run_loop
+        from spice_ray.train.session import LocalSession, local_process_group
 
         if resources.workers != 1:
             raise ValueError(f"the local executor trains with one worker, not {resources.workers}: set train.num_workers=1")
@@ -171,7 +151,7 @@ class LocalExecutor:
         needs_group = resolved_engine(TrainConfig.model_validate(config["train"])) == "deepspeed"
         group = local_process_group(session.root / ".pg-rendezvous") if needs_group else contextlib.nullcontext()
         with group:
-            result = run_loop(config, session)
+            result = train_func(config, session)
         assert result is not None
         with session.latest_checkpoint() as latest:
             return result, latest

@@ -5,8 +5,9 @@
 - ``map_batches``: a Ray Data pipeline over the records parquet, filtered to the uids to do, in
   length-sorted windows, through an ``ActorPoolStrategy`` pool of the worker class (built once per
   actor); results stream back to the driver as they finish, so the caller can persist each one.
-- ``train``: ``TorchTrainer`` (Ray Train V2) over the tokenized rows, ``RunConfig(name, storage)``
-  so a rerun with the same storage resumes from its latest checkpoint, ``FailureConfig`` restarts.
+- ``train``: ``TorchTrainer`` (Ray Train V2) running the stage's worker function with a
+  ``RaySession`` over the tokenized rows, ``RunConfig(name, storage)`` so a rerun with the same
+  storage resumes from its latest checkpoint, ``FailureConfig`` restarts.
 
 GPU use is decided here once: a unit of work with ``gpus=None`` gets one GPU when the cluster has
 any. Custom resources (``Resources.custom``, from a section's ``resources``) go to every unit as
@@ -19,6 +20,7 @@ core worker logs when a Ray Data actor pool starts (:data:`spice_ray.logs.RAY_FA
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -27,8 +29,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from spice_ray.executor import RecordBatches, Resources
+from spice_ray.executor_types import RecordBatches, Resources, TrainFunc
 from spice_ray.logs import drop_native_lines
+from spice_ray.storage import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +169,15 @@ class RayExecutor:
         with contextlib.nullcontext() if self.verbose else drop_native_lines():  # the pool's start-up false alarm
             yield from out.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1)
 
-    def train(self, loop_config: dict[str, Any], *, rows: str, storage: str, resources: Resources, max_failures: int, keep: int,
-              callbacks: list[Any] | None = None, data_config: Any | None = None) -> tuple[dict[str, Any], str | None]:
+    def train(self, train_func: TrainFunc, loop_config: dict[str, Any], *, rows: str, storage: str,
+              resources: Resources, max_failures: int, keep: int, callbacks: list[Any] | None = None,
+              data_config: Any | None = None) -> tuple[dict[str, Any], str | None]:
+        """``train_func(loop_config, RaySession())`` on every Ray Train worker (see the module docstring)."""
         ray = self._ray()
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
         from ray.train.torch import TorchTrainer
 
-        from spice_ray.train.loop import train_loop_per_worker
+        from spice_ray.train.session import ray_train_worker
 
         ctx = ray.data.DataContext.get_current()
         before = ctx.execution_options.preserve_order
@@ -182,7 +187,7 @@ class RayExecutor:
         finally:
             ctx.execution_options.preserve_order = before
         trainer = TorchTrainer(
-            train_loop_per_worker,
+            functools.partial(ray_train_worker, train_func),  # takes the config alone, as TorchTrainer asks
             train_loop_config=loop_config,
             scaling_config=ScalingConfig(
                 num_workers=resources.workers, use_gpu=bool(loop_config["use_gpu"]),
@@ -218,7 +223,7 @@ def prune_unregistered_checkpoints(run_dir: str, result: Any) -> None:
 
     kept = {Path(c.path).name for c, _ in (result.best_checkpoints or [])}
     path = Path(run_dir)
-    if "://" in run_dir or not kept or not path.is_dir():
+    if is_uri(run_dir) or not kept or not path.is_dir():
         return
     for d in path.glob("checkpoint_*"):
         if d.is_dir() and d.name not in kept:

@@ -205,7 +205,8 @@ def run_sketch(ctx: StageContext) -> dict[str, Any]:
 
 
 def run_select(ctx: StageContext) -> dict[str, Any]:
-    from spice_ray.select.stage import SELECTION_FILE, run_select_stage
+    from spice_ray.select.output import SELECTION_FILE
+    from spice_ray.select.stage import run_select_stage
 
     summary = run_select_stage(ctx.upstream["sketch"]["sketches"], ctx.dirs.uri, ctx.cfg.select, ctx.executor,
                                records_path=ctx.upstream["ingest"]["records"])

@@ -5,7 +5,8 @@ Credentials come from the environment as pyarrow reads them (``AWS_ACCESS_KEY_ID
 never part of a URI we log or store. Paths under a root cannot escape it (``..`` is refused).
 
 Writes are atomic: a local file is written under a temporary name and renamed; an object store PUT
-of one object is atomic by itself.
+of one object is atomic by itself. A local parquet file too large to hold in memory is streamed the
+same way (:class:`AtomicParquet`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,22 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
 
 def is_remote(uri: str) -> bool:
+    """An object store URI (``s3://``, ``gs://``, ``gcs://``): one that is downloaded, cached, timed out."""
     return uri.startswith(REMOTE_SCHEMES)
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """Anything with a scheme (``s3://``, ``gs://``, ``file://`` …), not a plain local path or a hub id.
+    Wider than :func:`is_remote`: what pyarrow's filesystems, not ``pathlib``, should open."""
+    return "://" in str(path)
 
 
 S3_CONNECT_TIMEOUT_S = 5.0  # an unreachable endpoint fails in seconds, not minutes
@@ -42,6 +52,13 @@ def resolve_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     sets its own options)."""
     if not is_remote(uri):
         return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+    return uri_filesystem(uri)
+
+
+def uri_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``pyarrow.fs.FileSystem.from_uri(uri)``, but S3 gets the timeouts, attempts and endpoint of
+    :func:`s3_options` (unless the URI's query sets its own options). Every URI goes through here,
+    never through ``from_uri`` directly."""
     fs, path = pafs.FileSystem.from_uri(uri)
     if isinstance(fs, pafs.S3FileSystem) and "?" not in uri:
         fs = pafs.S3FileSystem(region=fs.region, **s3_options())
@@ -219,6 +236,38 @@ class Store:
         return True
 
 
+def replace_atomically(src: str | Path, dst: str | Path) -> None:
+    """Rename local ``src`` to ``dst`` in one step (``os.replace``): readers see the old ``dst`` or
+    the new one, never a half-written one. A file replaces a file; a directory replaces only an
+    absent (or empty) directory, else ``OSError`` (see :func:`publish_once`, :func:`replace_dir`)."""
+    os.replace(src, dst)
+
+
+def publish_once(tmp: str | Path, dst: str | Path) -> bool:
+    """Rename the finished local directory ``tmp`` to ``dst`` unless another writer got there first
+    (its ``dst`` is kept, ``tmp`` removed; False). For content that any writer makes identically."""
+    try:
+        os.replace(tmp, dst)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+    return True
+
+
+def replace_dir(src: str | Path, dst: str | Path) -> None:
+    """Move the finished local directory ``src`` to ``dst``, replacing an older ``dst`` (a rerun's):
+    the old one is renamed aside (``.<name>.old-<pid>``), the new one renamed in, then the old one
+    deleted, so ``dst`` is always a whole directory except between the two renames."""
+    src, dst = Path(src), Path(dst)
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
     """Move directory ``src`` to ``dst`` (which must not exist) on ``fs``.
 
@@ -233,6 +282,53 @@ def move_dir(fs: pafs.FileSystem, src: str, dst: str) -> None:
         if info.type == pafs.FileType.File:
             fs.copy_file(info.path, f"{dst.rstrip('/')}{info.path[len(src):]}")
     fs.delete_dir(src)
+
+
+class AtomicParquet:
+    """A local parquet file written under a temporary name, renamed into place on commit. Rows come as
+    tables of any size and are written in row groups of exactly ``row_group`` rows (the last one
+    shorter), so the file's bytes depend only on its rows, not on how they arrived."""
+
+    def __init__(self, path: Path, schema: pa.Schema, row_group: int) -> None:
+        self.path = path
+        self.schema = schema
+        self.row_group = row_group
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.writer = pq.ParquetWriter(self.tmp, schema)
+        self.pending: list[pa.Table] = []
+        self.n_pending = 0
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.append(table)
+            self.n_pending += table.num_rows
+        if self.n_pending >= self.row_group:
+            self._write(whole=False)
+
+    def _write(self, whole: bool) -> None:
+        """Write the pending rows in row groups of ``row_group`` (keeping a short tail unless ``whole``)."""
+        if not self.pending:
+            return
+        table = pa.concat_tables(self.pending)
+        size = self.row_group
+        n = table.num_rows if whole else table.num_rows - table.num_rows % size
+        for start in range(0, n, size):
+            self.writer.write_table(table.slice(start, min(size, n - start)).combine_chunks())
+        rest = table.slice(n)
+        self.pending, self.n_pending = ([rest] if rest.num_rows else []), rest.num_rows
+        self.rows += n
+
+    def commit(self) -> None:
+        self._write(whole=True)
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
 
 
 def ensure_local(uri: str, cache_dir: str | Path | None = None) -> str:

@@ -5,17 +5,15 @@ The loop is nanoGPT's: every record rendered with the chat template, concatenate
 token between records), cut into ``block_size``-token blocks, next-token loss on every token, AdamW
 with a linear warm-up and cosine decay to 10%, gradient clipping at 1. One thread and a fixed seed,
 so the same inputs give the same weights. ``spice-ray pretrain`` runs it on any corpus;
-``builtin:tiny-llama-pretrained`` is the built-in tiny Llama pre-trained on a generated demo corpus
-of another seed than the demo's pool and eval set, cached per node.
+``builtin:tiny-llama-pretrained`` (:mod:`spice_ray.models.builtin`) is the built-in tiny Llama
+pre-trained with it on a generated demo corpus.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -24,9 +22,9 @@ from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from spice_ray.storage import replace_atomically
 
-DEMO_PRETRAIN = {"rows": 3000, "seed": 7, "steps": 300, "block_size": 128, "batch_size": 16, "lr": 3e-3}
+logger = logging.getLogger(__name__)
 
 
 def token_blocks(texts: list[str], tokenizer: Any, block_size: int) -> torch.Tensor:
@@ -70,7 +68,7 @@ def pretrain(model_path: str, texts: list[str], out_dir: str | Path, *, steps: i
     """Pre-train the model at ``model_path`` (weights and tokenizer) on ``texts``; write it to ``out_dir``
     (Hugging Face layout, safetensors, with ``pretrain.json``: the recipe and the loss curve)."""
     from spice_ray.executor import torch_threads
-    from spice_ray.models import load_causal_lm, load_tokenizer
+    from spice_ray.models.load import load_causal_lm, load_tokenizer
 
     t0 = time.time()
     tokenizer = load_tokenizer(model_path, trust_remote_code=trust_remote_code)
@@ -90,42 +88,6 @@ def pretrain(model_path: str, texts: list[str], out_dir: str | Path, *, steps: i
     (tmp / "pretrain.json").write_text(json.dumps(log | {"losses": losses}, indent=1))
     if out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_atomically(tmp, out)
     logger.info("pretrained %s for %d steps: loss %.3f → %.3f (%.0f s)", model_path, steps, log["loss_first"], log["loss_last"], log["seconds"])
     return log
-
-
-def demo_texts(tokenizer: Any, rows: int, seed: int) -> list[str]:
-    """Generated demo records (another seed than the demo's pool and eval set), rendered as chats."""
-    from spice_ray.corpus.demo import generate_demo_corpus
-    from spice_ray.corpus.formats import normalize_row
-    from spice_ray.corpus.tokenize import render_text
-
-    return [render_text(tokenizer, normalize_row(row)) for row in generate_demo_corpus(n=rows, seed=seed)]
-
-
-def materialize_pretrained_builtin(base: str, out_dir: str | Path, seed: int = 0) -> Path:
-    """``builtin:<base>-pretrained``: the built-in pre-trained on the demo recipe, cached per node
-    under ``$SPICE_CACHE/builtin`` and copied to ``out_dir``."""
-    from spice_ray.models import load_tokenizer
-    from spice_ray.models.builtin import materialize_builtin
-
-    out = Path(out_dir)
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
-        return out
-    recipe = hashlib.sha256(json.dumps({"base": base, "init_seed": seed, **DEMO_PRETRAIN}, sort_keys=True).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("SPICE_CACHE", Path.home() / ".cache" / "spice-ray")) / "builtin" / f"{base}-pretrained-{recipe}"
-    if not (cache / "model.safetensors").exists():
-        with tempfile.TemporaryDirectory(prefix="spice-builtin-") as tmp:
-            init = materialize_builtin(base, Path(tmp) / base, seed=seed)
-            texts = demo_texts(load_tokenizer(str(init)), DEMO_PRETRAIN["rows"], DEMO_PRETRAIN["seed"])
-            pretrain(str(init), texts, cache, steps=DEMO_PRETRAIN["steps"], block_size=DEMO_PRETRAIN["block_size"],
-                     batch_size=DEMO_PRETRAIN["batch_size"], lr=DEMO_PRETRAIN["lr"], seed=seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    shutil.copytree(cache, tmp_out, dirs_exist_ok=True)
-    try:
-        os.replace(tmp_out, out)
-    except OSError:  # another writer finished first
-        shutil.rmtree(tmp_out, ignore_errors=True)
-    return out

@@ -21,6 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from spice_ray.storage import is_uri
+
 log = logging.getLogger(__name__)
 
 REPORT_STAGES = ("ingest", "sketch", "select", "train", "eval")
@@ -209,19 +211,16 @@ class RunArtifacts:
 
 def _first_existing(*candidates: Any) -> Path | None:
     for c in candidates:
-        if isinstance(c, str | Path) and str(c) and "://" not in str(c):
+        if isinstance(c, str | Path) and str(c) and not is_uri(c):
             p = Path(c)
             if p.exists():
                 return p
     return None
 
 
-def load_run(run_root: str | Path) -> RunArtifacts:
-    """Load a run root's manifests and the (small or column-pruned) artifacts the report needs."""
-    root = Path(run_root).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"run root not found: {root}")
-    errors: list[str] = []
+def _load_stages(root: Path, errors: list[str]) -> dict[str, StageInfo]:
+    """Each report stage's directory, marker and manifest (its paths resolved against ``root``);
+    an unreadable manifest is added to ``errors``."""
     stages: dict[str, StageInfo] = {}
     for name in REPORT_STAGES:
         d = root / name
@@ -235,7 +234,11 @@ def load_run(run_root: str | Path) -> RunArtifacts:
 
             info.manifest = resolve(manifest, str(root))
         stages[name] = info
+    return stages
 
+
+def _load_config(root: Path, errors: list[str]) -> dict[str, Any]:
+    """The run's config.yaml as a dict (``{}`` when absent or not a mapping; an error when unreadable)."""
     config: dict[str, Any] = {}
     cfg_path = root / "config.yaml"
     if cfg_path.is_file():
@@ -246,6 +249,32 @@ def load_run(run_root: str | Path) -> RunArtifacts:
             config = loaded if isinstance(loaded, dict) else {}
         except Exception as e:  # noqa: BLE001 - a broken config.yaml must not break the report
             errors.append(f"config.yaml: {e}")
+    return config
+
+
+def _load_eval(root: Path, eval_stage: StageInfo, errors: list[str]) -> dict[str, Any] | None:
+    """The eval stage's results: its manifest result, else the first JSON object among the usual
+    file names under ``<root>/eval``; None when there is none."""
+    if eval_stage.result:
+        return dict(eval_stage.result)
+    if (root / "eval").is_dir():
+        for name in ("results.json", "eval.json", "summary.json", "metrics.json"):
+            value, err = read_json(root / "eval" / name)
+            if err:
+                errors.append(f"eval/{err}")
+            if isinstance(value, dict):
+                return value
+    return None
+
+
+def load_run(run_root: str | Path) -> RunArtifacts:
+    """Load a run root's manifests and the (small or column-pruned) artifacts the report needs."""
+    root = Path(run_root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"run root not found: {root}")
+    errors: list[str] = []
+    stages = _load_stages(root, errors)
+    config = _load_config(root, errors)
 
     ing = stages["ingest"].result
     records_path = _first_existing(root / "ingest" / "records.parquet", ing.get("records"))
@@ -271,18 +300,7 @@ def load_run(run_root: str | Path) -> RunArtifacts:
     train_res = stages["train"].result
     metrics_path = _first_existing(root / "train" / "metrics.jsonl", train_res.get("metrics"))
     train_metrics = read_jsonl(metrics_path) if metrics_path else []
-
-    eval_results: dict[str, Any] | None = None
-    if stages["eval"].result:
-        eval_results = dict(stages["eval"].result)
-    elif (root / "eval").is_dir():
-        for name in ("results.json", "eval.json", "summary.json", "metrics.json"):
-            value, err = read_json(root / "eval" / name)
-            if err:
-                errors.append(f"eval/{err}")
-            if isinstance(value, dict):
-                eval_results = value
-                break
+    eval_results = _load_eval(root, stages["eval"], errors)
 
     return RunArtifacts(
         root=root,

@@ -7,7 +7,8 @@ from typing import Any
 
 from spice_ray.report import analysis
 from spice_ray.report.artifacts import RunArtifacts, finite, load_run
-from spice_ray.report.render import NOT_RUN, _md, _md_table, fmt, param, pct
+from spice_ray.report.formatting import NOT_RUN, _md, fmt, param, pct
+from spice_ray.report.markdown_summary import _md_table
 
 
 def overlap(a: RunArtifacts, b: RunArtifacts) -> dict[str, Any]:

@@ -1,5 +1,12 @@
 """Selection over gradient sketches (DESIGN §3): ``select`` is the one library entry point.
 
+Its parts: :mod:`~spice_ray.select.greedy` (``select``: validate → engine → loop),
+:mod:`~spice_ray.select.factory` (which engine: the one decision), :mod:`~spice_ray.select.loop` (the
+greedy loop, its callbacks, the ``Engine`` protocol), the engines (:mod:`~spice_ray.select.engines`,
+:mod:`~spice_ray.select.device_engine`, :mod:`~spice_ray.select.budget`,
+:mod:`~spice_ray.select.baselines`, :mod:`~spice_ray.select.quota`) and
+:mod:`~spice_ray.select.selection` (the result).
+
 No Ray import here, nor in :mod:`spice_ray.select.stage` (``select_to_dir``: read the sketches,
 select, write the artifacts; ``run_select_stage``: that as one unit of work of an executor); the
 only Ray module is :mod:`spice_ray.select.ray_shards` (``ShardActor``, ``select_sharded``,
@@ -10,6 +17,7 @@ from spice_ray.select.engines import CandidateShard
 from spice_ray.select.greedy import (
     METHODS,
     LocalShards,
+    SelectOptions,
     Selection,
     logdet_of,
     pool_quotas,
@@ -25,6 +33,7 @@ __all__ = [
     "CandidateShard",
     "LocalShards",
     "PickCheckpoint",
+    "SelectOptions",
     "SelectedState",
     "Selection",
     "Winner",

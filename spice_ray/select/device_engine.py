@@ -13,7 +13,7 @@ block's only synchronisation). On CUDA the block is captured once as a CUDA grap
 Why the picks equal the numpy engines'. The state (``M⁻¹`` dense or factored, ``s``) evolves only
 from canonical values, and every canonical quantity is computed by the same IEEE operations as
 :meth:`SelectedState.exact` — elementwise products, numpy's pairwise summation reproduced exactly
-by :func:`pairwise_sum`, ``sqrt``, true division — so it is bit-identical to the host state of any
+by :func:`~spice_ray.select.pairwise.pairwise_sum`, ``sqrt``, true division — so it is bit-identical to the host state of any
 engine that made the same picks. The one function of the canonical score that torch and numpy may
 round differently is ``log1p``; so at the end of each block the host re-scores each step's
 contenders from the device's canonical ``q``, ``gᵀs`` and ``‖g‖²`` with numpy (O(contenders) per
@@ -40,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-from spice_ray.select.engines import row_norms_sq
+from spice_ray.select.engine_base import row_norms_sq
+from spice_ray.select.pairwise import pairwise_sum
 from spice_ray.select.state import U64, Winner, gamma
 
 log = logging.getLogger(__name__)
@@ -48,57 +49,11 @@ log = logging.getLogger(__name__)
 DEFAULT_BLOCK = 32  # greedy steps per host round trip
 DEFAULT_CONTENDERS = 2  # contender slots per step (doubled after an overflow)
 MAX_CONTENDERS = 256
-_PW_LEAF = 128  # numpy's PW_BLOCKSIZE: pairwise summation's unrolled leaf
 _CANON_ELEMS = 1 << 25  # elements of the (rows, d, d) product of one canonical chunk on the slow path
 
 # columns of one step's row in the block output (K1 = contender slots + 1 forced slot)
 _PICK, _SSQ, _OVER = 0, 1, 2
 _BASE = 3
-
-
-# ------------------------------------------------------------------------------ numpy's summation
-def _leaf_sum(x: Any) -> Any:
-    """numpy's pairwise sum of ≤ 128 terms over the last axis: 8 running sums, a fixed tree, the rest."""
-    import torch
-
-    n = x.shape[-1]
-    if n < 8:
-        res = torch.zeros(x.shape[:-1], dtype=x.dtype, device=x.device)
-        for i in range(n):
-            res = res + x[..., i]
-        return res
-    m = n - n % 8
-    blocks = x[..., :m].unflatten(-1, (m // 8, 8))
-    r = blocks[..., 0, :]
-    for i in range(1, m // 8):
-        r = r + blocks[..., i, :]
-    r = r[..., 0::2] + r[..., 1::2]  # r0+r1, r2+r3, r4+r5, r6+r7
-    r = r[..., 0::2] + r[..., 1::2]  # (r0+r1)+(r2+r3), (r4+r5)+(r6+r7)
-    res = r[..., 0] + r[..., 1]
-    for i in range(m, n):
-        res = res + x[..., i]
-    return res
-
-
-def pairwise_sum(x: Any) -> Any:
-    """Sum over the last axis bit-identically to numpy's float pairwise summation (``a.sum(-1)``).
-
-    numpy sums ≤ 128 terms with 8 interleaved accumulators, and splits longer runs at
-    ``n/2`` rounded down to a multiple of 8. When ``n = 128·2^j`` all leaves have 128 terms and are
-    summed at once (19 elementwise ops for d = 256, whatever the leading shape).
-    """
-    n = x.shape[-1]
-    if n <= _PW_LEAF:
-        return _leaf_sum(x)
-    leaves = n // _PW_LEAF
-    if n % _PW_LEAF == 0 and leaves & (leaves - 1) == 0:
-        part = _leaf_sum(x.unflatten(-1, (leaves, _PW_LEAF)))
-        while part.shape[-1] > 1:
-            part = part[..., 0::2] + part[..., 1::2]
-        return part[..., 0]
-    n2 = n // 2
-    n2 -= n2 % 8
-    return pairwise_sum(x[..., :n2]) + pairwise_sum(x[..., n2:])
 
 
 # ---------------------------------------------------------------------------------- host helpers

@@ -21,7 +21,7 @@ Engines:
   its later scores. The rows that can win soon form an exact *frontier* kept up to date like the
   eager pass (2d flops a row per step, the conflict current); the rest wait behind a level ``L`` of
   stale bounds and are scored afresh (d² flops) only when the frontier is rebuilt
-  (see :class:`LazyEngine`).
+  (:class:`~spice_ray.select.lazy.LazyEngine`, in its own module).
 
 Both engines then hand their contenders (approximate score within the rounding margin of the best)
 to :meth:`SelectedState.winner`, which decides by the canonical score — so eager, lazy, sharded and
@@ -30,114 +30,23 @@ GPU runs pick identically (see :mod:`spice_ray.select.state`).
 
 from __future__ import annotations
 
-import heapq
 import logging
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 
+from spice_ray.select.engine_base import (  # noqa: F401  # re-exports: the names' old home
+    _REPLAY_BLOCK,
+    _Engine,
+    _pool,
+    _resolve_device,
+    num_threads,
+    row_norms_sq,
+)
+from spice_ray.select.lazy import LazyEngine
 from spice_ray.select.state import U32, U64, SelectedState, Winner
 
 log = logging.getLogger(__name__)
-
-_REPLAY_BLOCK = 64  # updates applied per read of the rows when several are pending (a resume)
-
-
-def row_norms_sq(G: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
-    """``‖g_i‖²`` in float64, chunked so no float64 copy of G is made."""
-    out = np.empty(G.shape[0], dtype=np.float64)
-    for start in range(0, G.shape[0], chunk):
-        block = G[start : start + chunk].astype(np.float64, copy=False)
-        out[start : start + chunk] = np.einsum("ij,ij->i", block, block)
-    return out
-
-
-def _resolve_device(device: str | None) -> str:
-    """``numpy`` | ``cpu`` | ``cuda[:i]``; ``auto``/None: cuda when torch sees one, else numpy."""
-    if device in (None, "auto"):
-        try:
-            import torch
-
-            return "cuda" if torch.cuda.is_available() else "numpy"
-        except ImportError:  # pragma: no cover - torch is a dependency
-            return "numpy"
-    if device == "numpy" or device == "cpu" or str(device).startswith("cuda"):
-        return str(device)
-    raise ValueError(f"unknown device {device!r}; expected numpy | cpu | cuda[:i] | auto")
-
-
-class _Engine:
-    """Common part: the rows, their norms, which are still candidates."""
-
-    def __init__(self, G: np.ndarray, indices: np.ndarray, state: SelectedState) -> None:
-        self.G = G
-        self.indices = indices
-        self.state = state
-        self.n = G.shape[0]
-        self.norm_sq = row_norms_sq(G) if self.n else np.zeros(0)
-        self.max_norm_sq = float(self.norm_sq.max()) if self.n else 0.0
-        self.alive = np.ones(self.n, dtype=bool)
-        self.n_alive = self.n
-        self.refreshed = 0  # rows whose score was computed (for the lazy/eager work statistics)
-
-    def kill(self, local: int) -> None:
-        if self.alive[local]:
-            self.alive[local] = False
-            self.n_alive -= 1
-
-    def rows64(self, local: np.ndarray) -> np.ndarray:
-        return self.G[local].astype(np.float64)
-
-    def _narrow(self, cands: np.ndarray, approx: np.ndarray, unit: float) -> np.ndarray:
-        """The candidates that can still be the canonical argmax, by per-row margins ``a‖g_i‖² + b``.
-
-        The best approximate row j has canonical score ≥ approx_j − m_j; row i can only beat or
-        tie it if approx_i + m_i ≥ that.
-        """
-        a, b = self.state.margin_coefs(unit, self.max_norm_sq)
-        reach = self.norm_sq[cands] * a
-        reach += b
-        j = int(np.argmax(approx))
-        low = float(approx[j]) - float(reach[j])
-        reach += approx
-        return cands[reach >= low]
-
-    def decide(self, cands: np.ndarray, approx: np.ndarray | None, unit: float) -> Winner:
-        """From candidates (local, ascending) with approximate scores: narrow by margins, decide exactly.
-
-        ``approx=None``: the candidates are already narrowed.
-        """
-        st = self.state
-        if approx is not None and cands.size > 1:
-            cands = self._narrow(cands, approx, unit)
-        X = self.rows64(cands)
-        if unit != U64 and cands.size > 1:  # re-score in float64 first, then the canonical few
-            _, _, score = st.fresh(X)
-            keep = np.isin(cands, self._narrow(cands, score, U64))
-            cands, X = cands[keep], X[keep]
-        return st.winner(X, self.indices[cands])
-
-
-def num_threads() -> int:
-    """Threads for the eager pass: ``OMP_NUM_THREADS`` (Ray sets it to an actor's CPUs), else the CPUs we may use."""
-    env = os.environ.get("OMP_NUM_THREADS", "")
-    if env.isdigit() and int(env) > 0:
-        return int(env)
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="spice-eager")
-    return _POOLS[threads]
 
 
 class EagerNumpy(_Engine):
@@ -307,158 +216,6 @@ class EagerTorch(_Engine):
         mask = score >= best - st.margin(self.max_norm_sq, U64)
         cands = torch.nonzero(mask).flatten()  # ascending
         return self.decide(cands.cpu().numpy(), score[cands].cpu().numpy(), U64)
-
-
-class LazyEngine(_Engine):
-    """Lazy exact greedy: an eager frontier of the rows that can win, stale upper bounds for the rest.
-
-    Bounds. Per row ``i``, ``ub_i`` is its float64 gain when last computed (the base gain ``Δ_i(∅)``
-    before any): Δ only shrinks as S grows and the conflict is ≥ 0, so ``ub_i`` bounds every later
-    score (up to the rounding margin ``m_i = a‖g_i‖² + b`` of :meth:`SelectedState.margin_coefs`, per
-    row: the margin grows with ‖g_i‖², and with t only as t·√d·u).
-
-    Frontier. The rows with the ``size`` largest ``ub`` form the frontier F; the others have
-    ``ub ≤ L``. F is kept *exact*, as the eager engine keeps all rows: a float64 copy of its rows,
-    their ``q = gᵀM⁻¹g`` and ``g·s`` updated each step by one ``G_F [u, g]`` product (2d flops a row
-    rather than the d² of a refresh), so their scores are current — the conflict included, where a
-    stale bound would have to allow for any drift of the selected mean's direction. A step scores F;
-    if the best F score less its margin beats ``L`` plus the largest margin, no row outside F can win
-    or tie, and the F rows within the margins of the best are decided canonically
-    (:meth:`_Engine.decide`). Otherwise F is rebuilt from the current bounds (its rows' current gains,
-    the stale ones outside; a row entering F is scored once, d² flops) and the step redone. F doubles
-    when rebuilds come more often than every ``grow_below`` steps.
-    """
-
-    def __init__(
-        self, G: np.ndarray, indices: np.ndarray, state: SelectedState, size: int = 2048, grow_below: int = 4
-    ) -> None:
-        super().__init__(G, indices, state)
-        self.size = int(size)
-        self.grow_below = int(grow_below)
-        self.ub = np.log1p(state.alpha * self.norm_sq)  # Δ_i(∅) ≥ Δ_i(S) for any S
-        self.pos = np.full(self.n, -1, dtype=np.int64)  # row → its place in F, or −1
-        self.L = np.inf  # no frontier yet: the first step builds one
-        self.F = np.zeros(0, dtype=np.int64)
-        self.qF = self.dotF = np.zeros(0)
-        self.pending: list[tuple[np.ndarray, np.ndarray, float]] = []
-        self.since = 0  # steps since the last rebuild
-        self.rebuilds = 0
-        self.tracked = 0  # F rows brought up to date (2d flops each; ``refreshed``: rows scored afresh, d²)
-
-    def update(self, u: np.ndarray, g: np.ndarray, coef: float, local: int | None) -> None:
-        self.pending.append((u, g, coef))
-        if local is not None:
-            self.kill(local)
-            self.ub[local] = -np.inf
-            if self.pos[local] >= 0:
-                self.deadF[self.pos[local]] = -np.inf
-
-    def _apply(self) -> None:
-        """Bring F's ``q`` and ``g·s`` up to date with the pending picks (64 per product)."""
-        pend, self.pending = self.pending, []
-        for a in range(0, len(pend), _REPLAY_BLOCK):
-            block = pend[a : a + _REPLAY_BLOCK]
-            W = np.empty((self.G.shape[1], 2 * len(block)), dtype=np.float64)
-            for j, (u, g, _) in enumerate(block):
-                W[:, 2 * j] = u
-                W[:, 2 * j + 1] = g
-            R = self.GF @ W
-            for j, (_, _, coef) in enumerate(block):
-                r = R[:, 2 * j]
-                r *= r
-                r *= coef
-                self.qF -= r
-                np.maximum(self.qF, 0.0, out=self.qF)
-                self.dotF += R[:, 2 * j + 1]
-
-    def _rebuild(self) -> None:
-        """F := the alive rows with the ``size`` largest bounds; rows entering F are scored afresh."""
-        if self.L != np.inf and (self.since == 0 or self.since < self.grow_below):
-            self.size *= 2  # again within one step (the conflicts hide the winner below L), or often
-        self.since = 0
-        self.rebuilds += 1
-        if self.F.size:
-            self.ub[self.F] = np.where(np.isfinite(self.deadF), np.log1p(self.state.alpha * self.qF), -np.inf)
-        m = self.size
-        if m >= self.n_alive:
-            F, L = np.flatnonzero(self.alive), -np.inf
-        else:
-            part = np.argpartition(self.ub, self.n - m - 1)
-            F, L = np.sort(part[self.n - m :]), float(self.ub[part[self.n - m - 1]])
-        kept = self.pos[F]
-        old_q, old_dot = self.qF, self.dotF
-        self.pos[self.F] = -1
-        self.F, self.L = F, L
-        self.pos[F] = np.arange(F.size)
-        self.GF = self.G[F].astype(np.float64)
-        self.nsqF = self.norm_sq[F]
-        self.invnF = np.zeros(F.size)
-        np.divide(1.0, np.sqrt(self.nsqF), out=self.invnF, where=self.nsqF > 0)
-        self.deadF = np.zeros(F.size)
-        self.qF = np.empty(F.size)
-        self.dotF = np.empty(F.size)
-        had = kept >= 0
-        self.qF[had], self.dotF[had] = old_q[kept[had]], old_dot[kept[had]]
-        new = np.flatnonzero(~had)
-        self.refreshed += new.size
-        for a in range(0, new.size, 256):
-            q, _, dot = self.state.fresh_qdot(self.GF[new[a : a + 256]])
-            self.qF[new[a : a + 256]] = q
-            self.dotF[new[a : a + 256]] = dot
-        self._compact()
-
-    def _compact(self) -> None:
-        """Drop from F the rows whose gain is below L (they cannot win before the next rebuild); their
-        ``ub`` is that gain, so every row outside F still has ``ub ≤ L``."""
-        gain = np.log1p(self.state.alpha * self.qF)
-        keep = (gain >= self.L) & np.isfinite(self.deadF)
-        if keep.all():
-            return
-        out = self.F[~keep]
-        self.ub[out] = np.where(np.isfinite(self.deadF[~keep]), gain[~keep], -np.inf)
-        self.pos[out] = -1
-        self.F = self.F[keep]
-        self.pos[self.F] = np.arange(self.F.size)
-        for name in ("GF", "nsqF", "invnF", "deadF", "qF", "dotF"):
-            setattr(self, name, getattr(self, name)[keep])
-
-    def _scores(self) -> np.ndarray:
-        st = self.state
-        score = np.log1p(self.qF * st.alpha)
-        if st.lam != 0 and st.s_norm > 0:
-            c = self.dotF * self.invnF
-            c *= -1.0 / st.s_norm
-            np.clip(c, 0.0, 1.0, out=c)
-            c *= st.lam
-            score -= c
-        score += self.deadF
-        return score
-
-    def best(self) -> Winner | None:
-        if self.n_alive == 0:
-            return None
-        if self.L == np.inf:
-            self.pending = []  # the frontier is scored against the current state
-            self._rebuild()
-        self._apply()
-        a, b = self.state.margin_coefs(U64, self.max_norm_sq)
-        while True:
-            if self.F.size == 0:
-                self._rebuild()
-                continue
-            score = self._scores()
-            m4 = self.nsqF * (4.0 * a)
-            m4 += 4.0 * b
-            j = int(np.argmax(score))
-            thr = float(score[j] - m4[j])
-            if np.isfinite(score[j]) and self.L + 4.0 * (a * self.max_norm_sq + b) < thr:
-                break
-            self._rebuild()
-        self.since += 1
-        self.tracked += int(self.F.size)
-        m4 += score
-        cands = np.flatnonzero(m4 >= thr)
-        return self.decide(self.F[cands], None, U64)
 
 
 class CandidateShard:

@@ -15,12 +15,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from spice_ray.storage import is_uri, uri_filesystem
+
 log = logging.getLogger(__name__)
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        return pafs.FileSystem.from_uri(path)
+    if is_uri(path):
+        return uri_filesystem(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 

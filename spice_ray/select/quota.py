@@ -19,7 +19,7 @@ from spice_ray.select.state import Winner
 
 
 class QuotaShards:
-    """A :class:`~spice_ray.select.greedy.ShardGroup` whose shards stop competing once their quota is met."""
+    """A :class:`~spice_ray.select.loop.ShardGroup` whose shards stop competing once their quota is met."""
 
     def __init__(self, shards: Sequence[CandidateShard], quotas: Sequence[int]) -> None:
         self.shards = list(shards)

@@ -27,10 +27,11 @@ import ray
 
 from spice_ray.config import SelectConfig
 from spice_ray.select.engines import row_norms_sq
-from spice_ray.select.greedy import Selection
+from spice_ray.select.factory import default_lazy, stage_device
 from spice_ray.select.io import read_sketch_column, read_sketch_uids, read_sketches
 from spice_ray.select.prepare import token_factors
 from spice_ray.select.resume import fingerprint_data
+from spice_ray.select.selection import Selection
 from spice_ray.select.sharding import SHARDABLE, ShardWorker, select_over_workers, shard_bounds
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def select_sharded(
     """
     if method not in SHARDABLE:
         raise ValueError(f"sharded selection runs the greedy methods spice | logdet, not {method!r}")
-    use_lazy = (device in (None, "numpy")) if lazy is None else bool(lazy)
+    use_lazy = default_lazy(lazy, device)
     uids = None
     if isinstance(sketches, str):
         uids = read_sketch_uids(sketches)
@@ -144,7 +145,7 @@ def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_pat
     by the shards on their rows with the driver's global token factors and median.
     """
     from spice_ray.select.io import read_record_sources
-    from spice_ray.select.stage import checkpoint_dir, write_selection
+    from spice_ray.select.output import checkpoint_dir, write_selection
 
     t0 = time.perf_counter()
     uids = read_sketch_uids(str(sketches_path))
@@ -161,7 +162,7 @@ def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_pat
         lam=cfg.lam,
         omega=cfg.omega,
         lazy=cfg.lazy,
-        device=cfg.device or ("cuda" if cfg.num_gpus > 0 else "numpy"),
+        device=stage_device(cfg.device, cfg.num_gpus),
         scale=cfg.scale,
         groups=groups,
         num_cpus=cfg.num_cpus,

@@ -44,6 +44,15 @@ def fingerprint_data(G: np.ndarray, norm_sq: np.ndarray) -> str:
     return h.hexdigest()
 
 
+def fingerprint(*, groups: Any = None, **fields: Any) -> dict[str, Any]:
+    """A checkpoint's fingerprint: ``fields`` (the problem's parameters and data hash) in order, then a
+    hash of the per-row group labels when there are any."""
+    fp = dict(fields)
+    if groups is not None:
+        fp["groups"] = hashlib.sha256("\n".join(map(str, np.asarray(groups).tolist())).encode()).hexdigest()
+    return fp
+
+
 class PickCheckpoint:
     """``load`` / ``save`` the picks of one selection under ``directory`` (local path or URI)."""
 

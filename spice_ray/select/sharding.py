@@ -6,7 +6,7 @@ the global token factors sliced for it), reports their squared norms (the driver
 "auto"`` from all of them: the same median, so the same α) and then runs one
 :class:`~spice_ray.select.engines.CandidateShard` — or, under per-source quotas, one per source it
 holds, as :func:`~spice_ray.select.greedy.select` does for the whole set. :class:`WorkerGroup` is
-the driver's :class:`~spice_ray.select.greedy.ShardGroup` over such workers, reached through a
+the driver's :class:`~spice_ray.select.loop.ShardGroup` over such workers, reached through a
 ``call(method, *args)`` that runs a method on every worker and returns their answers in order
 (in-process here, Ray actors in :mod:`spice_ray.select.ray_shards`). Every shard decides by the
 canonical score, so the picks are the single worker's.
@@ -14,36 +14,20 @@ canonical score, so the picks are the single worker's.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from spice_ray.select.engines import CandidateShard
+from spice_ray.select.factory import SHARDABLE, refusal  # noqa: F401  # refusal: re-export
 from spice_ray.select.greedy import Selection, select_shards
 from spice_ray.select.prepare import alpha_from_norms, row_norms_sq_canonical, scale_rows
 from spice_ray.select.quota import quota_counts
-from spice_ray.select.resume import PickCheckpoint
+from spice_ray.select.resume import PickCheckpoint, fingerprint
 from spice_ray.select.state import Winner
 
 Pick = tuple[np.ndarray, np.ndarray, float, int]  # u, g, q, global index
-SHARDABLE = ("spice", "logdet")
-
-
-def refusal(method: str, executor: str, budget: str = "records", target: str | None = None) -> str | None:
-    """Why ``select.shards > 1`` cannot shard this configuration, in one line (None: it can)."""
-    if target:
-        return "a selection with select.target runs in one worker (its candidates are chosen from all rows' cosines first)"
-    if budget != "records":
-        return f"a budget in {budget} runs in one worker (numpy): its greedy keeps a heap of all rows' bounds"
-    if executor != "ray":
-        return f"shard actors need the ray executor, not {executor}"
-    if method == "windowed":
-        return "method windowed runs its pools one after another over all rows; shards run spice or logdet"
-    if method not in SHARDABLE:
-        return f"method {method} is a fixed order (one pass over the rows, no greedy step to shard)"
-    return None
 
 
 class ShardWorker:
@@ -217,10 +201,8 @@ def select_over_workers(
     call("build", alpha=alpha_f, lam=lam_eff, max_updates=k_eff, lazy=lazy, device=device)
     ckpt = None
     if checkpoint_dir is not None:
-        fp = {"method": method, "n": n, "d": d, "k": k_eff, "alpha": alpha_f, "lam": lam_eff, "omega": omega,
-              "seed": None, "pool_size": None, **(checkpoint_fp or {})}
-        if groups is not None:
-            fp["groups"] = hashlib.sha256("\n".join(map(str, np.asarray(groups).tolist())).encode()).hexdigest()
+        fp = fingerprint(method=method, n=n, d=d, k=k_eff, alpha=alpha_f, lam=lam_eff, omega=omega, seed=None,
+                         pool_size=None, groups=groups, **(checkpoint_fp or {}))
         ckpt = PickCheckpoint(checkpoint_dir, fp)
     group = WorkerGroup(call, n, groups, k_eff)
     sel = select_shards(

@@ -5,66 +5,28 @@ Outputs under ``out_dir`` (a local directory or an object-store URI): ``selectio
 ``eps_bound``: one row per pick, in pick order, i.e. the per-step trace) and ``summary.json`` (with
 the diagnostics). While it runs, the picks are checkpointed under ``out_dir/_checkpoint/`` every
 ``checkpoint_every`` steps; a rerun after a kill resumes from there (same picks as an uninterrupted
-run), and the checkpoint is removed once the outputs are written. The Ray shells that run this
-(one selector actor, or shard actors) are in :mod:`spice_ray.select.ray_shards`.
+run), and the checkpoint is removed once the outputs are written (:mod:`spice_ray.select.output`,
+shared with the sharded path). The Ray shells that run this (one selector actor, or shard actors) are
+in :mod:`spice_ray.select.ray_shards`.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import time
 from collections import Counter
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from spice_ray.config import SelectConfig
-from spice_ray.select.greedy import Selection, select
+from spice_ray.select.factory import refusal, stage_device
+from spice_ray.select.greedy import select
 from spice_ray.select.io import read_sketches, read_target
-from spice_ray.select.resume import PickCheckpoint
+from spice_ray.select.output import checkpoint_dir, write_selection
 from spice_ray.select.target import closest_rows, target_cosine
-from spice_ray.storage import Store
 
 log = logging.getLogger(__name__)
-
-SELECTION_FILE = "selection.parquet"
-SUMMARY_FILE = "summary.json"
-
-
-def selection_table(uids: np.ndarray, sel: Selection) -> pa.Table:
-    """The selection as an arrow table, one row per pick in pick order."""
-    return pa.table(
-        {
-            "uid": pa.array(uids[sel.indices], type=pa.string()),
-            "rank": pa.array(np.arange(len(sel), dtype=np.int64)),
-            "gain": pa.array(sel.gains, type=pa.float64()),
-            "base": pa.array(sel.bases, type=pa.float64()),
-            "conflict": pa.array(sel.conflicts, type=pa.float64()),
-            "score": pa.array(sel.scores, type=pa.float64()),
-            "logdet": pa.array(sel.logdets, type=pa.float64()),
-            "eps": pa.array(sel.eps, type=pa.float64()),
-            "eps_bound": pa.array(sel.eps_bound, type=pa.float64()),
-        }
-    )
-
-
-def checkpoint_dir(out_dir: str) -> str:
-    return f"{str(out_dir).rstrip('/')}/_checkpoint"
-
-
-def write_selection(out_dir: str, uids: np.ndarray, sel: Selection, summary: dict[str, Any]) -> None:
-    """Write ``selection.parquet`` and ``summary.json`` (each atomically), then drop the checkpoint."""
-    store = Store(str(out_dir))
-    buf = io.BytesIO()
-    pq.write_table(selection_table(uids, sel), buf)
-    store.write_bytes(SELECTION_FILE, buf.getvalue())
-    store.write_text(SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    PickCheckpoint(checkpoint_dir(out_dir), {}).clear()
-    log.info("selection of %d/%d written to %s", len(sel), len(uids), out_dir)
 
 
 def select_to_dir(
@@ -160,13 +122,11 @@ def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, execut
 
     resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus, custom=cfg.resources)
     if cfg.shards > 1:
-        from spice_ray.select.sharding import refusal
-
         why = refusal(cfg.method, executor.name, cfg.budget, cfg.target)
         if why is None:
             from spice_ray.select.ray_shards import run_sharded
 
             return run_sharded(sketches_path, out_dir, cfg, records_path=records_path)
         log.warning("select.shards=%d not used: %s; selecting in one worker", cfg.shards, why)
-    device = cfg.device or ("cuda" if executor.gpus(resources) > 0 and cfg.budget == "records" else "numpy")
+    device = stage_device(cfg.device, executor.gpus(resources), cfg.budget)
     return executor.call(select_to_dir, str(sketches_path), str(out_dir), cfg, device=device, records_path=records_path, resources=resources)

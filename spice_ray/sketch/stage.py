@@ -218,16 +218,7 @@ def run_sketch_stage(
         state_path=state_path,
         expected_projection=projection.digest(),
     )
-    t_compute = time.time()
-    if todo:
-        batches = RecordBatches(records_path, ("uid", "messages", "n_tokens"), todo, s.batch_size)
-        done = 0
-        for table in executor.map_batches(SketchWorker, worker_kwargs, batches, resources):
-            cache.add(table)  # persisted as it arrives: a killed run keeps its finished batches
-            done += table.num_rows
-            logger.info("sketch: %d / %d records", done, len(todo))
-            progress.update("sketch (records)", done, len(todo))
-    compute_seconds = time.time() - t_compute
+    compute_seconds = _sketch_into_cache(executor, cache, records_path, todo, worker_kwargs, s.batch_size, resources)
 
     n_sketches = publish(cache.tables(current), sketch_schema(s.dim, s.dtype), Store(out_dir), "sketches")
     if n_sketches != len(uids):
@@ -257,6 +248,29 @@ def run_sketch_stage(
         }
     )
     return result
+
+
+def _sketch_into_cache(
+    executor: Executor,
+    cache: SketchCache,
+    records_path: str,
+    todo: frozenset[str],
+    worker_kwargs: dict[str, Any],
+    batch_size: int,
+    resources: Resources,
+) -> float:
+    """Sketch the records ``todo`` on the executor's SketchWorkers, adding each finished batch to the
+    cache as it arrives (a killed run keeps its finished batches); returns the seconds it took."""
+    t_compute = time.time()
+    if todo:
+        batches = RecordBatches(records_path, ("uid", "messages", "n_tokens"), todo, batch_size)
+        done = 0
+        for table in executor.map_batches(SketchWorker, worker_kwargs, batches, resources):
+            cache.add(table)  # persisted as it arrives: a killed run keeps its finished batches
+            done += table.num_rows
+            logger.info("sketch: %d / %d records", done, len(todo))
+            progress.update("sketch (records)", done, len(todo))
+    return time.time() - t_compute
 
 
 def _fidelity(executor: Executor, records_path: str, uids: list[str], worker_kwargs: dict, k: int, seed: int, resources: Resources) -> dict:

@@ -3,8 +3,8 @@
 ``run_train_stage`` reads the records, keeps the selected uids, tokenizes them (response-only
 labels), puts them in a seeded order (``train.seed``) and writes them to ``<out_dir>/rows.parquet``:
 the exact rows and order that are trained on, known (and checked) before any worker starts. The
-executor then runs ``spice_ray.train.loop.run_loop`` over them: ``train.num_workers`` Ray Train
-workers (Ray), or one worker in this process (local). The engine is plain torch at one worker and
+executor then runs the worker function it is given, ``spice_ray.train.loop.run_loop``, over them:
+``train.num_workers`` Ray Train workers (Ray), or one worker in this process (local). The engine is plain torch at one worker and
 DeepSpeed ZeRO where sharding or offload is needed (``spice_ray.train.engine``).
 
 Layout under ``out_dir`` (the pipeline gives every set of training inputs its own ``out_dir``):
@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from spice_ray.config import Config, TrainConfig
 from spice_ray.executor import Executor, Resources
+from spice_ray.storage import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def training_rows(records_path: str, selection_path: str, tokenizer: Any, *, max
 def _abs(path: str) -> str:
     """A local path made absolute (workers run elsewhere); a URI or hub id unchanged."""
     local = os.path.expanduser(path)
-    return os.path.abspath(local) if "://" not in path and os.path.exists(local) else path
+    return os.path.abspath(local) if not is_uri(path) and os.path.exists(local) else path
 
 
 def plan_steps(n_rows: int, tcfg: TrainConfig) -> dict[str, int]:
@@ -168,19 +169,50 @@ def run_train_stage(
     """
     from spice_ray.models import load_tokenizer
     from spice_ray.storage import Store
+    from spice_ray.train.loop import run_loop
 
     t0 = time.time()
     tcfg = cfg.train
     store = Store(out_dir)
-    out = store.uri()
     tokenizer_path = tokenizer_path or cfg.model.tokenizer or model_path
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
-    resources = Resources(cpus=tcfg.cpus_per_worker, gpus=None if tcfg.use_gpu is None else float(tcfg.use_gpu), workers=tcfg.num_workers,
-                          custom=tcfg.resources)
+    resources = train_resources(tcfg)
     use_gpu = executor.gpus(resources) > 0
 
     rows, n_selected = training_rows(records_path, selection_path, tokenizer, max_tokens=tcfg.max_length or max_tokens, seed=tcfg.seed)
-    n_rows = rows.num_rows
+    plan = checked_plan(rows.num_rows, n_selected, tcfg)
+    write_rows(store, rows)
+    logger.info("train: %d rows (%d selected), %d workers x %d rows, %d steps planned, gpu=%s",
+                rows.num_rows, n_selected, tcfg.num_workers, plan["rows_per_worker"], plan["planned_steps"], use_gpu)
+
+    export_dir = f"{store.uri()}/model"
+    config = loop_config(
+        cfg, model_path=model_path, tokenizer_path=tokenizer_path, export_dir=export_dir, use_gpu=use_gpu,
+        pad_id=tokenizer.pad_token_id, total_steps=plan["planned_steps"],
+    )
+    ret, checkpoint = executor.train(
+        run_loop, config, rows=store.uri(ROWS_FILE), storage=store.uri(CHECKPOINTS), resources=resources,
+        max_failures=tcfg.max_failures, keep=tcfg.keep_checkpoints, **fault_drills(callbacks, data_config),
+    )
+    store.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in ret["history"]))
+    summary = train_summary(
+        ret, checkpoint, store=store, tcfg=tcfg, plan=plan, n_selected=n_selected, n_rows=rows.num_rows,
+        executor_name=executor.name, use_gpu=use_gpu, export_dir=export_dir, t0=t0,
+    )
+    store.write_text(SUMMARY_FILE, json.dumps(summary, indent=2))
+    logger.info("train: %d steps, final loss %s, model at %s", summary["steps"], summary["loss"], export_dir)
+    return summary
+
+
+def train_resources(tcfg: TrainConfig) -> Resources:
+    """What each train worker needs (``train.use_gpu`` None: a GPU when the executor has any)."""
+    return Resources(cpus=tcfg.cpus_per_worker, gpus=None if tcfg.use_gpu is None else float(tcfg.use_gpu), workers=tcfg.num_workers,
+                     custom=tcfg.resources)
+
+
+def checked_plan(n_rows: int, n_selected: int, tcfg: TrainConfig) -> dict[str, int]:
+    """:func:`plan_steps` for ``n_rows`` training rows, refusing a run in which a worker would get no
+    row or no optimizer step would run; a warning when selected uids gave no row."""
     if n_rows < tcfg.num_workers:
         raise ValueError(
             f"{n_rows} trainable records (of {n_selected} selected uids) for {tcfg.num_workers} train workers; "
@@ -194,27 +226,42 @@ def run_train_stage(
             f"{n_rows} rows give {plan['micro_per_epoch']} micro-batches per worker per epoch, fewer than "
             f"grad_accum={tcfg.grad_accum} x epochs: no optimizer step would run"
         )
+    return plan
+
+
+def write_rows(store: Any, rows: pa.Table) -> None:
+    """The training rows, in order, to ``<out_dir>/rows.parquet`` (what the executor's workers read)."""
     buf = io.BytesIO()
     pq.write_table(rows, buf)
     store.write_bytes(ROWS_FILE, buf.getvalue())
-    logger.info("train: %d rows (%d selected), %d workers x %d rows, %d steps planned, gpu=%s",
-                n_rows, n_selected, tcfg.num_workers, plan["rows_per_worker"], plan["planned_steps"], use_gpu)
 
-    export_dir = f"{out}/model"
-    config = loop_config(
-        cfg, model_path=model_path, tokenizer_path=tokenizer_path, export_dir=export_dir, use_gpu=use_gpu,
-        pad_id=tokenizer.pad_token_id, total_steps=plan["planned_steps"],
-    )
-    extra = {"callbacks": callbacks} if callbacks else {}
+
+def fault_drills(callbacks: list[Any] | None, data_config: Any | None) -> dict[str, Any]:
+    """The fault-drill keywords of ``executor.train`` that are set (none: the executor's defaults)."""
+    extra: dict[str, Any] = {"callbacks": callbacks} if callbacks else {}
     if data_config is not None:
         extra["data_config"] = data_config
-    ret, checkpoint = executor.train(
-        config, rows=store.uri(ROWS_FILE), storage=store.uri(CHECKPOINTS), resources=resources,
-        max_failures=tcfg.max_failures, keep=tcfg.keep_checkpoints, **extra,
-    )
-    store.write_text(METRICS_FILE, "".join(json.dumps(m) + "\n" for m in ret["history"]))
+    return extra
+
+
+def train_summary(
+    ret: dict[str, Any],
+    checkpoint: str | None,
+    *,
+    store: Any,
+    tcfg: TrainConfig,
+    plan: dict[str, int],
+    n_selected: int,
+    n_rows: int,
+    executor_name: str,
+    use_gpu: bool,
+    export_dir: str,
+    t0: float,
+) -> dict[str, Any]:
+    """``train_summary.json``: the run's outcome (rank 0's return ``ret``), its plan and where its
+    files are; ``t0``: when the stage started."""
     final = ret["final"]
-    summary: dict[str, Any] = {
+    return {
         "model": export_dir,
         "loss": final.get("loss"),
         "steps": final.get("step", 0),
@@ -224,7 +271,7 @@ def run_train_stage(
         "resumed_from_step": ret.get("resumed_from_step"),
         "n_selected": n_selected,
         "n_train_rows": n_rows,
-        "executor": executor.name,
+        "executor": executor_name,
         "engine": ret.get("engine"),
         "world_size": ret.get("world_size"),
         "use_gpu": use_gpu,
@@ -245,6 +292,3 @@ def run_train_stage(
         "rows": store.uri(ROWS_FILE),
         "wall_seconds": round(time.time() - t0, 3),
     }
-    store.write_text(SUMMARY_FILE, json.dumps(summary, indent=2))
-    logger.info("train: %d steps, final loss %s, model at %s", summary["steps"], summary["loss"], export_dir)
-    return summary

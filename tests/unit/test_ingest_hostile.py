@@ -19,6 +19,8 @@ from spice_ray.config import CorpusConfig
 from spice_ray.corpus import IngestError, RowError, ingest, normalize_row
 
 ing = importlib.import_module("spice_ray.corpus.ingest")  # the module (the package exports the function)
+reader_base = importlib.import_module("spice_ray.corpus.readers.base")  # MAX_ROW_BYTES is read there
+reader_files = importlib.import_module("spice_ray.corpus.readers.files")  # READ_CHUNK is read there
 
 INVISIBLE = ["\u200b", "\u200c\u200d", "\u2060", "\ufeff", "\u00ad", " \u200b\t\u3000\u00a0", "\ufe0f", "\u2028"]
 
@@ -282,7 +284,7 @@ def test_parser_exceptions_quarantine_the_row(tok, tmp_path):
 
 
 def test_oversized_row_is_rejected_unparsed_and_streamed(tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(ing, "MAX_ROW_BYTES", 4096)
+    monkeypatch.setattr(reader_base, "MAX_ROW_BYTES", 4096)
     big = b'{"instruction": "q", "output": "' + b"x" * 50_000 + b'"}'
     (tmp_path / "big.jsonl").write_bytes(line(row(1)) + b"\n" + big + b"\n" + line(row(2)) + b"\n")
     (tmp_path / "big.json").write_bytes(b"[" + line(row(3)) + b"," + big + b"," + line(row(4)) + b"]")
@@ -292,7 +294,7 @@ def test_oversized_row_is_rejected_unparsed_and_streamed(tok, tmp_path, monkeypa
     for q in quarantine_of(result):
         assert q["raw_bytes"] == len(big) and len(q["raw"]) == ing.RAW_LIMIT and "MAX_ROW_BYTES" in q["detail"]
     # a 16 MB line is never held whole: reading it peaks far below its size
-    monkeypatch.setattr(ing, "READ_CHUNK", 1 << 18)
+    monkeypatch.setattr(reader_files, "READ_CHUNK", 1 << 18)
     path = tmp_path / "huge.jsonl"
     with path.open("wb") as fh:
         fh.write(line(row(5)) + b"\n" + b'{"output": "' + b"y" * (16 << 20) + b'"}\n' + line(row(6)) + b"\n")
@@ -323,7 +325,7 @@ def test_file_removed_or_failing_during_ingest(tok, tmp_path, monkeypatch):
     monkeypatch.undo()
 
     # reading fails half-way (an I/O error): the rows read before it stay
-    monkeypatch.setattr(ing, "READ_CHUNK", 4096)
+    monkeypatch.setattr(reader_files, "READ_CHUNK", 4096)
     real_readinto, calls = ing._Hashing.readinto, Counter()
 
     def failing(self, buffer):
@@ -437,7 +439,7 @@ def fuzz_parquet(rng: random.Random, path: Path, first: int) -> dict[int, str | 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_fuzz_hostile_files(seed, tok, tmp_path, monkeypatch):
-    monkeypatch.setattr(ing, "MAX_ROW_BYTES", LIMIT)
+    monkeypatch.setattr(reader_base, "MAX_ROW_BYTES", LIMIT)
     rng = random.Random(seed)
     root = tmp_path / "corpus"
     root.mkdir()

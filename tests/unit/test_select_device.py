@@ -15,7 +15,7 @@ import pytest
 from test_select_engines import oracle, sketch_like, tie_problem
 
 from spice_ray.select import SelectedState, device_engine, select
-from spice_ray.select import greedy as greedy_mod
+from spice_ray.select import factory as factory_mod
 from spice_ray.select.device_engine import DeviceGreedy, margin_consts, pairwise_sum
 from spice_ray.select.state import U64, rowdot
 
@@ -40,7 +40,7 @@ def _same_run(a, b) -> None:
 
 def _with_engine(monkeypatch, **kw) -> None:
     """Make select() build its block engine with these settings (block size, contender slots)."""
-    monkeypatch.setattr(greedy_mod, "DeviceGreedy", functools.partial(DeviceGreedy, **kw))
+    monkeypatch.setattr(factory_mod, "DeviceGreedy", functools.partial(DeviceGreedy, **kw))
 
 
 # ------------------------------------------------------------------------------ canonical maths

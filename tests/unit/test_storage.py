@@ -154,3 +154,42 @@ def test_a_silent_s3_endpoint_fails_with_one_line_naming_it(monkeypatch):
     message = str(err.value)
     assert held and "\n" not in message
     assert f"no answer from http://127.0.0.1:{port} within 1 s (1 attempt;" in message
+
+
+def test_uri_filesystem_gives_s3_the_timeouts_and_opens_other_uris(monkeypatch, tmp_path):
+    """Every URI outside storage.py is opened through ``uri_filesystem``: S3 gets the timeouts that
+    a bare ``FileSystem.from_uri`` would skip; other schemes (file://) open as pyarrow opens them."""
+    import pyarrow.fs as pafs
+
+    from spice_ray import storage
+
+    _s3_env(monkeypatch, 9)
+    fs, path = storage.uri_filesystem("s3://bucket/x")
+    assert path == "bucket/x" and fs.__reduce__()[1][0]["request_timeout"] == storage.S3_REQUEST_TIMEOUT_S
+    fs, path = storage.uri_filesystem(f"file://{tmp_path}/a")
+    assert isinstance(fs, pafs.LocalFileSystem) and path == f"{tmp_path}/a"
+    assert storage.is_uri(f"file://{tmp_path}") and storage.is_uri("s3://b/k") and not storage.is_remote(f"file://{tmp_path}")
+    assert not storage.is_uri(str(tmp_path)) and not storage.is_uri("Qwen/Qwen2-0.5B") and not storage.is_uri(tmp_path)
+
+
+def test_directory_renames(tmp_path):
+    """publish_once keeps the first writer's directory; replace_dir swaps in a rerun's and leaves
+    nothing of the old one; replace_atomically is one rename."""
+    from spice_ray.storage import publish_once, replace_atomically, replace_dir
+
+    def a_dir(name: str, text: str):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "f").write_text(text)
+        return d
+
+    out = tmp_path / "out"
+    assert publish_once(a_dir("t1", "first"), out)
+    assert not publish_once(a_dir("t2", "second"), out)
+    assert (out / "f").read_text() == "first" and not (tmp_path / "t2").exists()
+    replace_dir(a_dir("t3", "rerun"), out)
+    assert (out / "f").read_text() == "rerun" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    replace_atomically(a_dir("t4", "new"), tmp_path / "fresh")
+    assert (tmp_path / "fresh" / "f").read_text() == "new" and not (tmp_path / "t4").exists()
+    with pytest.raises(OSError):
+        replace_atomically(a_dir("t5", "x"), out)  # a directory never replaces a non-empty one
