@@ -239,11 +239,11 @@ class SelectConfig(_Section):
         description="The target set (a few examples of the task tuned for): a .txt file of pool uids (one per line; "
         "those rows are then never picked, by any method) or the sketches of a target corpus (a sketch stage's "
         "`sketches` dir or parquet, same sketch config). less ranks by cosine to its mean gradient; spice/logdet "
-        "select among the target_pool share closest to it.",
+        "with target_pool < 1 select among that share of the rows closest to it.",
     )
     target_pool: float = Field(
-        0.25, gt=0, le=1, description="spice/logdet with a target: the share of the rows, closest in gradient direction "
-        "to the target's mean, that the greedy chooses from (at least the budget; 1: the target's direction is ignored).",
+        1.0, gt=0, le=1, description="spice/logdet with a target: the share of the rows, closest in gradient direction to "
+        "the target's mean, that the greedy chooses from (at least the budget). 1 (measured best): the direction is ignored.",
     )
     pool_size: int | None = Field(None, gt=0, description="windowed: rows per pool (None: 10,000).")
     lazy: bool | None = Field(

@@ -12,7 +12,10 @@ tuned for. Two rules follow from it, for every method:
   ``select.target_pool`` share of rows whose gradient has the largest cosine to the target set's
   mean gradient (LESS's score, :func:`target_cosine`), at least the budget; the greedy (log det and
   its conflict term) then picks the diverse, non-conflicting ones among them. ``target_pool: 1``
-  ignores the target's direction; ``less`` is the other end, the top-k by cosine alone.
+  (the default) ignores the target's direction; ``less`` is the other end, the top-k by cosine alone.
+  The default is what measured best: on the bench's targeted setting (gsm8k as the target,
+  pico-llama as the proxy; benchmarks/RESULTS.md) the closer the selection aimed at the target's
+  gradient, the worse the model did on the target, LESS worst of all.
 """
 
 from __future__ import annotations
