@@ -186,11 +186,11 @@ class Bench:
 
     def _cached(self, rel: str, key_data: dict[str, Any], compute: Any) -> dict[str, Any]:
         key = _digest(key_data)
-        if self.store.exists(f"{rel}/_DONE") and self.store.read_text(f"{rel}/_DONE").strip() == key:
+        if self.store.is_done(rel, key):
             return json.loads(self.store.read_text(f"{rel}/result.json"))
         result = compute(rel)
         self.store.write_text(f"{rel}/result.json", json.dumps(result, indent=2, sort_keys=True))
-        self.store.write_text(f"{rel}/_DONE", key + "\n")
+        self.store.mark_done(rel, key)
         return result
 
     def cell(self, arm: Arm, fraction: float, seed: int) -> dict[str, Any]:

@@ -47,12 +47,12 @@ from spice_ray.executor import Executor, make_executor
 from spice_ray.lease import Lease
 from spice_ray.stages import STAGE_NAMES, Stage, StageContext, StageDirs
 from spice_ray.stages import STAGES as STAGE_DEFS
-from spice_ray.storage import Store
+from spice_ray.storage import STAGE_MARKER, Store
 
 logger = logging.getLogger(__name__)
 
 STAGES = STAGE_NAMES  # in order
-MARKER = "_SUCCESS"
+MARKER = STAGE_MARKER  # "_SUCCESS", holding the stage's key
 MANIFEST = "manifest.json"
 HISTORY = "history"
 STATUS_FILE = "status.json"
@@ -82,8 +82,7 @@ class RunRoot:
         return self.store.uri()
 
     def marker_key(self, stage: str) -> str | None:
-        rel = f"{stage}/{MARKER}"
-        return self.store.read_text(rel).strip() if self.store.exists(rel) else None
+        return self.store.done_key(stage, marker=MARKER)
 
     def manifest(self, stage: str) -> dict[str, Any]:
         """The stage's manifest, its ``root:`` paths resolved against this root (see :func:`portable`)."""
@@ -231,7 +230,7 @@ def run_stage(root: RunRoot, stage: Stage, key: str, cfg: Config, executor: Exec
     stage without its marker is never trusted downstream)."""
     if root.marker_key(stage.name) is not None:
         logger.warning("%s: config or inputs changed since it finished; recomputing", stage.name)
-    root.store.delete(f"{stage.name}/{MARKER}")
+    root.store.clear_done(stage.name, marker=MARKER)
     rel = stage_rel(stage, key)
     started = time.time()
     logger.info("%s: started", stage.name)
@@ -259,7 +258,7 @@ def run_stage(root: RunRoot, stage: Stage, key: str, cfg: Config, executor: Exec
         "seconds": round(finished_at - started, 3),
     }
     root.store.write_text(f"{stage.name}/{MANIFEST}", json.dumps(portable(manifest, root.uri), indent=2, sort_keys=True, default=str))
-    root.store.write_text(f"{stage.name}/{MARKER}", key + "\n")
+    root.store.mark_done(stage.name, key, marker=MARKER)
     logger.info("%s: done in %.1fs", stage.name, finished_at - started)
     return StageOutcome(stage.name, skipped=False, manifest=manifest)
 

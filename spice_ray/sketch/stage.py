@@ -141,7 +141,7 @@ def run_warmup(cfg: Config, executor: Executor, *, records_path: str, model_path
             sort_keys=True,
         ).encode()
     ).hexdigest()
-    if store.exists("warmup/_DONE") and store.read_text("warmup/_DONE").strip() == key:
+    if store.is_done("warmup", key):
         logger.info("warm-up: reusing %s", store.uri("warmup"))
         return json.loads(store.read_text("warmup/warmup.json"))
     store.delete("warmup")
@@ -165,7 +165,7 @@ def run_warmup(cfg: Config, executor: Executor, *, records_path: str, model_path
         "seconds": round(time.time() - t0, 3),
     }
     store.write_text("warmup/warmup.json", json.dumps(result, indent=2))
-    store.write_text("warmup/_DONE", key + "\n")
+    store.mark_done("warmup", key)
     return result
 
 
