@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from spice_ray.config import Config, CorpusConfig
-from spice_ray.executor import Executor, Resources
+from spice_ray.executor import Executor, resources_of
 from spice_ray.storage import Store, is_uri, uri_filesystem
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def run_eval_stage(
     scores = executor.call(
         evaluate_models, model_paths, encoded, batch_size=ecfg.batch_size, pad_id=pad_id,
         trust_remote_code=cfg.model.trust_remote_code,
-        resources=Resources(cpus=ecfg.num_cpus, gpus=ecfg.num_gpus, custom=ecfg.resources),
+        resources=resources_of(ecfg),
     )
 
     sets: dict[str, Any] = {}

@@ -118,9 +118,9 @@ def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, execut
     than one machine's memory (any scale, α and quota; the same picks). Sharding needs the ray
     executor and a greedy method (spice | logdet); otherwise a warning says which and one worker
     selects."""
-    from spice_ray.executor import Resources
+    from spice_ray.executor import resources_of
 
-    resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus, custom=cfg.resources)
+    resources = resources_of(cfg)
     if cfg.shards > 1:
         why = refusal(cfg.method, executor.name, cfg.budget, cfg.target)
         if why is None:

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from spice_ray import progress
 from spice_ray.config import Config
-from spice_ray.executor import Executor, RecordBatches, Resources, read_record_batches
+from spice_ray.executor import Executor, RecordBatches, Resources, read_record_batches, resources_of
 from spice_ray.sketch.cache import SketchCache, publish
 from spice_ray.sketch.projection import ProjectionSpec, stable_seed
 from spice_ray.sketch.worker import SketchWorker, layer_shapes, sketch_schema
@@ -169,11 +169,6 @@ def run_warmup(cfg: Config, executor: Executor, *, records_path: str, model_path
     return result
 
 
-def _resources(cfg: Config) -> Resources:
-    s = cfg.sketch
-    return Resources(cpus=s.num_cpus_per_worker, gpus=s.num_gpus_per_worker, workers=s.num_workers, custom=s.resources)
-
-
 def run_sketch_stage(
     cfg: Config,
     executor: Executor,
@@ -191,7 +186,7 @@ def run_sketch_stage(
     report for the manifest."""
     s = cfg.sketch
     t_start = time.time()
-    resources = _resources(cfg)
+    resources = resources_of(s)
     result: dict[str, Any] = {}
     state_path = s.optimizer_state
     if s.warmup_fraction > 0:

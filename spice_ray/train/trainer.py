@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spice_ray.config import Config, TrainConfig
-from spice_ray.executor import Executor, Resources
+from spice_ray.executor import Executor, resources_of
 from spice_ray.storage import is_uri
 
 logger = logging.getLogger(__name__)
@@ -176,7 +176,7 @@ def run_train_stage(
     store = Store(out_dir)
     tokenizer_path = tokenizer_path or cfg.model.tokenizer or model_path
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
-    resources = train_resources(tcfg)
+    resources = resources_of(tcfg)
     use_gpu = executor.gpus(resources) > 0
 
     rows, n_selected = training_rows(records_path, selection_path, tokenizer, max_tokens=tcfg.max_length or max_tokens, seed=tcfg.seed)
@@ -202,12 +202,6 @@ def run_train_stage(
     store.write_text(SUMMARY_FILE, json.dumps(summary, indent=2))
     logger.info("train: %d steps, final loss %s, model at %s", summary["steps"], summary["loss"], export_dir)
     return summary
-
-
-def train_resources(tcfg: TrainConfig) -> Resources:
-    """What each train worker needs (``train.use_gpu`` None: a GPU when the executor has any)."""
-    return Resources(cpus=tcfg.cpus_per_worker, gpus=None if tcfg.use_gpu is None else float(tcfg.use_gpu), workers=tcfg.num_workers,
-                     custom=tcfg.resources)
 
 
 def checked_plan(n_rows: int, n_selected: int, tcfg: TrainConfig) -> dict[str, int]:
