@@ -138,18 +138,20 @@ def select_sharded(
             ray.kill(a)
 
 
-def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_path: str | None = None) -> dict[str, Any]:
+def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_path: str | None = None,
+                resources: Any | None = None) -> dict[str, Any]:
     """The select stage over ``select.shards`` shard actors; the driver writes the outputs.
 
     The same preparation as :func:`~spice_ray.select.stage.select_to_dir` (scaling, α, quotas), done
-    by the shards on their rows with the driver's global token factors and median.
+    by the shards on their rows with the driver's global token factors and median. ``resources``:
+    each shard actor's (default: ``resources_of(cfg)``).
     """
     from spice_ray.executor_types import resources_of
     from spice_ray.select.io import read_record_sources
     from spice_ray.select.output import checkpoint_dir, write_selection
 
     t0 = time.perf_counter()
-    resources = resources_of(cfg)
+    resources = resources or resources_of(cfg)
     gpus = resources.gpus or 0.0
     uids = read_sketch_uids(str(sketches_path))
     n = len(uids)

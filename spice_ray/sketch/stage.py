@@ -179,14 +179,15 @@ def run_sketch_stage(
     out_dir: str,
     cache_dir: str | None = None,
     model_fingerprint: str | None = None,
+    resources: Resources | None = None,
 ) -> dict[str, Any]:
     """Sketch the records not in the cache; write ``out_dir/sketches/*.parquet`` holding exactly the
     records' sketches. ``cache_dir`` (or ``sketch.cache_dir``): the sketch cache; None: a cache
     under ``out_dir`` (``parts/``). Returns counts, the spec, the projection spec and the fidelity
-    report for the manifest."""
+    report for the manifest. ``resources``: each sketch actor's (default: ``resources_of(cfg.sketch)``)."""
     s = cfg.sketch
     t_start = time.time()
-    resources = resources_of(s)
+    resources = resources or resources_of(s)
     result: dict[str, Any] = {}
     state_path = s.optimizer_state
     if s.warmup_fraction > 0:

@@ -47,9 +47,11 @@ def test_resources_become_ray_arguments():
 
 def test_stages_declare_their_sections_resources():
     from spice_ray.executor import resources_of
+    from spice_ray.stages import stage
 
     cfg = load_config(None, ["sketch.resources={spread: 1}", "sketch.num_workers=2"])
     assert resources_of(cfg.sketch) == Resources(cpus=0.5, gpus=None, workers=2, custom={"spread": 1.0})
+    assert stage("sketch").resources(cfg) == resources_of(cfg.sketch)
 
 
 def test_one_function_maps_every_section_s_resource_fields():
