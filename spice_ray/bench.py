@@ -39,7 +39,7 @@ from spice_ray.config import (
     apply_overrides,
     read_yaml,
 )
-from spice_ray.executor import Executor, Resources, make_executor
+from spice_ray.executor import Executor, Resources, make_executor, resources_of
 from spice_ray.storage import Store
 
 logger = logging.getLogger(__name__)
@@ -129,11 +129,11 @@ def score(losses: dict[str, Any], splits: list[str]) -> dict[str, dict[str, Any]
 
 
 def _evaluate(executor: Executor, model: str, rows: dict[str, Any], *, batch_size: int, pad_id: int, trust_remote_code: bool,
-              cpus: float) -> dict[str, Any]:
+              resources: Resources) -> dict[str, Any]:
     from spice_ray.evaluate import evaluate_models
 
     result = executor.call(evaluate_models, {"m": model}, rows, batch_size=batch_size, pad_id=pad_id,
-                           trust_remote_code=trust_remote_code, resources=Resources(cpus=cpus))
+                           trust_remote_code=trust_remote_code, resources=resources)
     return {name: per_model["m"] for name, per_model in result["sets"].items()}
 
 
@@ -173,7 +173,7 @@ class Bench:
 
     def eval_model(self, model: str) -> dict[str, Any]:
         losses = _evaluate(self.executor, model, self.rows, batch_size=self.bench.eval_batch_size, pad_id=self.pad_id,
-                           trust_remote_code=self.cfg.model.trust_remote_code, cpus=self.cfg.eval.num_cpus)
+                           trust_remote_code=self.cfg.model.trust_remote_code, resources=resources_of(self.cfg.eval))
         return score(losses, self.bench.splits)
 
     def base(self) -> dict[str, Any]:
@@ -186,11 +186,11 @@ class Bench:
 
     def _cached(self, rel: str, key_data: dict[str, Any], compute: Any) -> dict[str, Any]:
         key = _digest(key_data)
-        if self.store.exists(f"{rel}/_DONE") and self.store.read_text(f"{rel}/_DONE").strip() == key:
+        if self.store.is_done(rel, key):
             return json.loads(self.store.read_text(f"{rel}/result.json"))
         result = compute(rel)
         self.store.write_text(f"{rel}/result.json", json.dumps(result, indent=2, sort_keys=True))
-        self.store.write_text(f"{rel}/_DONE", key + "\n")
+        self.store.mark_done(rel, key)
         return result
 
     def cell(self, arm: Arm, fraction: float, seed: int) -> dict[str, Any]:

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from spice_ray.config import Config, CorpusConfig
-from spice_ray.executor import Executor, Resources
+from spice_ray.executor import Executor, Resources, resources_of
 from spice_ray.storage import Store, is_uri, uri_filesystem
 
 logger = logging.getLogger(__name__)
@@ -233,9 +233,11 @@ def run_eval_stage(
     tokenizer_path: str,
     selection_path: str | None = None,
     holdout: str | None = None,
+    resources: Resources | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``base_model`` (when ``eval.base``) and ``tuned_model`` on the eval sets; write
-    ``out_dir/results.json`` and return the same dict."""
+    ``out_dir/results.json`` and return the same dict. ``resources``: the eval task's (default:
+    ``resources_of(cfg.eval)``)."""
     from spice_ray.models import load_tokenizer
 
     t0 = time.time()
@@ -262,7 +264,7 @@ def run_eval_stage(
     scores = executor.call(
         evaluate_models, model_paths, encoded, batch_size=ecfg.batch_size, pad_id=pad_id,
         trust_remote_code=cfg.model.trust_remote_code,
-        resources=Resources(cpus=ecfg.num_cpus, gpus=ecfg.num_gpus, custom=ecfg.resources),
+        resources=resources or resources_of(ecfg),
     )
 
     sets: dict[str, Any] = {}

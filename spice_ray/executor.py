@@ -25,7 +25,8 @@ from typing import Any, Protocol
 
 import pyarrow as pa
 
-from spice_ray.executor_types import RecordBatches, Resources, TrainFunc  # defined there, shared with ray_executor
+# defined there, shared with ray_executor
+from spice_ray.executor_types import RecordBatches, Resources, TrainFunc, resources_of  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """What a stage asks of an executor, shared by :mod:`spice_ray.executor` (the protocol, the local
 executor, ``make_executor``) and :mod:`spice_ray.ray_executor`, so neither imports the other's module
-for them. Import them from :mod:`spice_ray.executor`, which re-exports them.
+for them. Import them from :mod:`spice_ray.executor`, which re-exports them. :func:`resources_of` is
+the one conversion of a config section's resource fields into a :class:`Resources`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,25 @@ class Resources:
     def threads(self) -> int:
         """torch intra-op threads for this much CPU (Ray sets OMP_NUM_THREADS the same way)."""
         return max(1, int(self.cpus))
+
+
+def resources_of(section: Any) -> Resources:
+    """What one unit of work of a config section's stage needs: the one place where each section's
+    resource fields become a :class:`Resources` (and so, in the executor, Ray's arguments). The
+    sections keep their user-facing names: ``sketch.num_cpus_per_worker`` / ``num_gpus_per_worker`` /
+    ``num_workers``, ``select.num_cpus`` / ``num_gpus``, ``train.cpus_per_worker`` / ``use_gpu`` /
+    ``num_workers``, ``eval.num_cpus`` / ``num_gpus``; each has ``resources`` (custom Ray resources)."""
+    from spice_ray.config import EvalConfig, SelectConfig, SketchConfig, TrainConfig
+
+    if isinstance(section, SketchConfig):
+        return Resources(cpus=section.num_cpus_per_worker, gpus=section.num_gpus_per_worker, workers=section.num_workers,
+                         custom=section.resources)
+    if isinstance(section, SelectConfig | EvalConfig):
+        return Resources(cpus=section.num_cpus, gpus=section.num_gpus, custom=section.resources)
+    if isinstance(section, TrainConfig):  # use_gpu None: a GPU when the executor has any
+        gpus = None if section.use_gpu is None else float(section.use_gpu)
+        return Resources(cpus=section.cpus_per_worker, gpus=gpus, workers=section.num_workers, custom=section.resources)
+    raise TypeError(f"no resources in a {type(section).__name__}: one of the sketch, select, train and eval sections")
 
 
 @dataclass(frozen=True)

@@ -38,21 +38,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pyarrow.fs as pafs
 
 from spice_ray.config import Config, dump_config, redact
 from spice_ray.executor import Executor, make_executor
 from spice_ray.lease import Lease
+from spice_ray.stage_results import Upstream
 from spice_ray.stages import STAGE_NAMES, Stage, StageContext, StageDirs
 from spice_ray.stages import STAGES as STAGE_DEFS
-from spice_ray.storage import Store
+from spice_ray.storage import STAGE_MARKER, Store
 
 logger = logging.getLogger(__name__)
 
 STAGES = STAGE_NAMES  # in order
-MARKER = "_SUCCESS"
+MARKER = STAGE_MARKER  # "_SUCCESS", holding the stage's key
 MANIFEST = "manifest.json"
 HISTORY = "history"
 STATUS_FILE = "status.json"
@@ -82,8 +83,7 @@ class RunRoot:
         return self.store.uri()
 
     def marker_key(self, stage: str) -> str | None:
-        rel = f"{stage}/{MARKER}"
-        return self.store.read_text(rel).strip() if self.store.exists(rel) else None
+        return self.store.done_key(stage, marker=MARKER)
 
     def manifest(self, stage: str) -> dict[str, Any]:
         """The stage's manifest, its ``root:`` paths resolved against this root (see :func:`portable`)."""
@@ -196,14 +196,15 @@ def config_values(cfg: Config, reads: tuple[str, ...]) -> dict[str, Any]:
 
 
 def stage_key(stage: Stage, cfg: Config, upstream: dict[str, dict[str, Any]], store: Store) -> str:
-    """sha256 of what ``stage`` declares it reads: config values, upstream digests, input files."""
+    """sha256 of what ``stage`` declares it reads: config values, upstream digests, the fingerprint of
+    its running parts' sections and input files."""
     needs = {}
     for need in stage.needs:
         up, _, field_name = need.partition(".")
         manifest = upstream[up]
         needs[need] = need_digest(store, manifest, field_name) if field_name else f"key:{manifest['key']}"
     payload = {"format": KEY_FORMAT, "stage": stage.name, "config": config_values(cfg, stage.reads), "needs": needs,
-               "inputs": stage.inputs(cfg)}
+               "inputs": stage.key_inputs(cfg)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -231,16 +232,18 @@ def run_stage(root: RunRoot, stage: Stage, key: str, cfg: Config, executor: Exec
     stage without its marker is never trusted downstream)."""
     if root.marker_key(stage.name) is not None:
         logger.warning("%s: config or inputs changed since it finished; recomputing", stage.name)
-    root.store.delete(f"{stage.name}/{MARKER}")
+    root.store.clear_done(stage.name, marker=MARKER)
     rel = stage_rel(stage, key)
     started = time.time()
     logger.info("%s: started", stage.name)
     with tempfile.TemporaryDirectory(prefix=f"spice-{stage.name}-") as staging:
         local = Path(root.store.path(rel)) if root.store.is_local else Path(staging)
         local.mkdir(parents=True, exist_ok=True)
-        ctx = StageContext(cfg=cfg, executor=executor, dirs=StageDirs(uri=root.store.uri(rel), local=local),
-                           upstream={name: m["result"] for name, m in upstream.items()}, root_uri=root.uri)
+        ctx = StageContext(cfg=stage.view(cfg), executor=executor, dirs=StageDirs(uri=root.store.uri(rel), local=local),
+                           upstream=cast(Upstream, {name: m["result"] for name, m in upstream.items()}), root_uri=root.uri,
+                           resources=stage.resources(cfg))
         result = stage.run(ctx)
+        stage.check_result(result)
         if not root.store.is_local and any(Path(staging).iterdir()):
             root.store.upload_dir(staging, rel, replace=False)
     finished_at = time.time()
@@ -259,7 +262,7 @@ def run_stage(root: RunRoot, stage: Stage, key: str, cfg: Config, executor: Exec
         "seconds": round(finished_at - started, 3),
     }
     root.store.write_text(f"{stage.name}/{MANIFEST}", json.dumps(portable(manifest, root.uri), indent=2, sort_keys=True, default=str))
-    root.store.write_text(f"{stage.name}/{MARKER}", key + "\n")
+    root.store.mark_done(stage.name, key, marker=MARKER)
     logger.info("%s: done in %.1fs", stage.name, finished_at - started)
     return StageOutcome(stage.name, skipped=False, manifest=manifest)
 

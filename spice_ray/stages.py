@@ -12,6 +12,15 @@ So changing ``model.target`` reruns train and eval only, and a corpus rewritten 
 records reruns ingest and nothing after it. ``versioned`` stages write into ``<stage>/<key[:16]>/``:
 another set of inputs gets another directory, so a model or eval result that a user may be reading
 is never overwritten, and a checkpoint is only ever resumed by a run of the same inputs.
+
+A stage also declares what it reads without it changing its output (``sees``: a loading permission,
+a section handed whole to workers that use only declared fields of it; not part of the key), its
+``parts`` (a sub-step that runs only for some configs and reads whole sections: the sketch stage's
+warm-up trains with the train section; its sections' fingerprint is part of the key while it runs),
+its ``resources`` (one :class:`~spice_ray.executor.Resources` from the config, through
+:func:`~spice_ray.executor.resources_of`) and its ``outputs`` (the result keys it produces, typed
+in :mod:`spice_ray.stage_results`). It runs with a view of the config (:meth:`Stage.view`) in which
+reading anything else is an error.
 """
 
 from __future__ import annotations
@@ -19,10 +28,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from spice_ray.config import Config
-from spice_ray.executor import Executor
+from spice_ray.config_view import ConfigView
+from spice_ray.executor import Executor, Resources, resources_of
+from spice_ray.stage_results import (
+    EvalResult,
+    IngestResult,
+    ModelsResult,
+    SelectResult,
+    SketchResult,
+    TrainResult,
+    Upstream,
+    outputs_of,
+)
 from spice_ray.storage import files_key
 
 _LOADING = ("model.init_seed", "model.trust_remote_code")
@@ -40,26 +60,65 @@ class StageDirs:
 
 @dataclass
 class StageContext:
-    cfg: Config
+    cfg: Config  # the stage's view of the config (Stage.view): only what it declares
     executor: Executor
     dirs: StageDirs
-    upstream: dict[str, dict[str, Any]]  # the result of every stage named in ``needs``
+    upstream: Upstream  # the result of every stage named in ``needs``
     root_uri: str
+    resources: Resources | None = None  # what one unit of its work needs (Stage.resources)
+
+
+@dataclass(frozen=True)
+class Part:
+    """A declared sub-step of a stage that runs only ``when(cfg)``: it reads the whole ``sections``,
+    and while it runs their fingerprint (``Config.fingerprint``) is one of the stage's key inputs."""
+
+    name: str
+    sections: tuple[str, ...]
+    when: Callable[[Config], bool]
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    reads: tuple[str, ...]
-    run: Callable[[StageContext], dict[str, Any]]
+    reads: tuple[str, ...]  # config values in the key
+    run: Callable[[StageContext], Any]  # returns the stage's result (stage_results), a dict
     needs: tuple[str, ...] = ()
     inputs: Callable[[Config], list[str]] = field(default=lambda cfg: [])
     versioned: bool = False
     describe: Callable[[Config, dict[str, Any]], str] = field(default=lambda cfg, r: "")
+    sees: tuple[str, ...] = ()  # config it reads that does not change its output (not in the key)
+    parts: tuple[Part, ...] = ()
+    resources: Callable[[Config], Resources | None] = field(default=lambda cfg: None)  # None: the driver only
+    outputs: tuple[str, ...] = ()  # result keys it must return (the required keys of its result type)
 
     @property
     def upstream(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(n.split(".", 1)[0] for n in self.needs))
+
+    def active_parts(self, cfg: Config) -> tuple[Part, ...]:
+        return tuple(p for p in self.parts if p.when(cfg))
+
+    def key_inputs(self, cfg: Config) -> list[str]:
+        """The key's ``inputs``: the fingerprint of each running part's sections, then ``inputs``."""
+        return [cfg.fingerprint(*p.sections) for p in self.active_parts(cfg)] + self.inputs(cfg)
+
+    def declared(self, cfg: Config) -> tuple[str, ...]:
+        """Every config name the stage may read for ``cfg``: reads, sees and its running parts' sections."""
+        return (*self.reads, *self.sees, *(s for p in self.active_parts(cfg) for s in p.sections))
+
+    def view(self, cfg: Config) -> Config:
+        """``cfg`` as this stage sees it: reading what it does not declare raises
+        :class:`~spice_ray.config_view.UndeclaredConfigRead`."""
+        return cast(Config, ConfigView(cfg, self.declared(cfg), self.name))
+
+    def check_result(self, result: Any) -> None:
+        """Refuse a result without one of the declared outputs."""
+        if not isinstance(result, dict):
+            raise TypeError(f"stage {self.name} returned a {type(result).__name__}, not a dict of its outputs")
+        missing = [name for name in self.outputs if name not in result]
+        if missing:
+            raise ValueError(f"stage {self.name} returned no {', '.join(missing)} (its declared outputs: {', '.join(self.outputs)})")
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -79,7 +138,7 @@ def resolve_model(spec: str, dirs: StageDirs, seed: int) -> tuple[str, str]:
     return resolved, resolved
 
 
-def run_models(ctx: StageContext) -> dict[str, Any]:
+def run_models(ctx: StageContext) -> ModelsResult:
     from spice_ray.models import model_fingerprint, tokenizer_fingerprint
 
     m = ctx.cfg.model
@@ -105,7 +164,7 @@ def run_models(ctx: StageContext) -> dict[str, Any]:
 INGEST_CACHE = "cache/ingest"
 
 
-def run_ingest(ctx: StageContext) -> dict[str, Any]:
+def run_ingest(ctx: StageContext) -> IngestResult:
     from spice_ray.corpus.ingest import QUARANTINE_FILE, RECORDS_FILE, ingest
     from spice_ray.corpus.ingest_cache import IngestCache
     from spice_ray.models import load_tokenizer
@@ -116,7 +175,7 @@ def run_ingest(ctx: StageContext) -> dict[str, Any]:
     # Files unchanged since an earlier run (same content, name and settings) come from the cache.
     cache = IngestCache(f"{ctx.root_uri}/{INGEST_CACHE}", models["tokenizer_fingerprint"])
     result = ingest(ctx.cfg.corpus, tokenizer, ctx.dirs.local, cache=cache)  # no corpus.paths: the demo corpus
-    out = {
+    out: IngestResult = {
         "records": f"{ctx.dirs.uri}/{RECORDS_FILE}",
         "quarantine": f"{ctx.dirs.uri}/{QUARANTINE_FILE}",
         "holdout": None,
@@ -130,7 +189,7 @@ def run_ingest(ctx: StageContext) -> dict[str, Any]:
         "files_reused": result.files_reused,
         "max_tokens": result.max_tokens,  # corpus.max_tokens capped to the model's context
     }
-    return out | split_holdout(ctx.cfg, ctx.dirs)
+    return cast(IngestResult, out | split_holdout(ctx.cfg, ctx.dirs))
 
 
 def within_context(ctx: StageContext) -> Config:
@@ -174,17 +233,21 @@ def split_holdout(cfg: Config, dirs: StageDirs) -> dict[str, Any]:
 
 
 def sketch_inputs(cfg: Config) -> list[str]:
-    """A warm-up trains with the train section's settings; an optimizer_state is keyed by content."""
-    out = [cfg.fingerprint("train")] if cfg.sketch.warmup_fraction > 0 else []
-    if cfg.sketch.optimizer_state:
-        from spice_ray.sketch.stage import digest_path
-        from spice_ray.storage import ensure_local
+    """An optimizer_state is keyed by content (a warm-up is the stage's part ``warmup``: WARMUP)."""
+    if not cfg.sketch.optimizer_state:
+        return []
+    from spice_ray.sketch.stage import digest_path
+    from spice_ray.storage import ensure_local
 
-        out.append(digest_path(Path(ensure_local(cfg.sketch.optimizer_state)).expanduser()))
-    return out
+    return [digest_path(Path(ensure_local(cfg.sketch.optimizer_state)).expanduser())]
 
 
-def run_sketch(ctx: StageContext) -> dict[str, Any]:
+# The warm-up (sketch.warmup_fraction > 0) fine-tunes the proxy's LoRA with the train stage's code and
+# settings (sketch.stage.run_warmup): the train section's fingerprint is in the sketch key while it runs.
+WARMUP = Part("warmup", sections=("train",), when=lambda cfg: cfg.sketch.warmup_fraction > 0)
+
+
+def run_sketch(ctx: StageContext) -> SketchResult:
     from spice_ray.sketch.stage import run_sketch_stage
 
     models = ctx.upstream["models"]
@@ -197,31 +260,32 @@ def run_sketch(ctx: StageContext) -> dict[str, Any]:
         out_dir=ctx.dirs.uri,
         cache_dir=ctx.cfg.sketch.cache_dir or f"{ctx.root_uri}/cache/sketches",
         model_fingerprint=models["proxy_fingerprint"],
+        resources=ctx.resources,
     )
-    return {"sketches": f"{ctx.dirs.uri}/sketches", **counts}
+    return cast(SketchResult, {"sketches": f"{ctx.dirs.uri}/sketches", **counts})
 
 
 # ------------------------------------------------------------------------------------------- select
 
 
-def run_select(ctx: StageContext) -> dict[str, Any]:
+def run_select(ctx: StageContext) -> SelectResult:
     from spice_ray.select.output import SELECTION_FILE
     from spice_ray.select.stage import run_select_stage
 
     summary = run_select_stage(ctx.upstream["sketch"]["sketches"], ctx.dirs.uri, ctx.cfg.select, ctx.executor,
-                               records_path=ctx.upstream["ingest"]["records"])
-    return {"selection": f"{ctx.dirs.uri}/{SELECTION_FILE}", **summary}
+                               records_path=ctx.upstream["ingest"]["records"], resources=ctx.resources)
+    return cast(SelectResult, {"selection": f"{ctx.dirs.uri}/{SELECTION_FILE}", **summary})
 
 
 # -------------------------------------------------------------------------------------------- train
 
 
-def run_train(ctx: StageContext) -> dict[str, Any]:
+def run_train(ctx: StageContext) -> TrainResult:
     from spice_ray.train import run_train_stage
 
     models = ctx.upstream["models"]
     cfg = within_context(ctx)
-    return run_train_stage(
+    return cast(TrainResult, run_train_stage(
         cfg,
         ctx.executor,
         records_path=ctx.upstream["ingest"]["records"],
@@ -230,17 +294,18 @@ def run_train(ctx: StageContext) -> dict[str, Any]:
         tokenizer_path=models["tokenizer"],
         out_dir=ctx.dirs.uri,
         max_tokens=cfg.corpus.max_tokens,
-    )
+        resources=ctx.resources,
+    ))
 
 
 # --------------------------------------------------------------------------------------------- eval
 
 
-def run_eval(ctx: StageContext) -> dict[str, Any]:
+def run_eval(ctx: StageContext) -> EvalResult:
     from spice_ray.evaluate import RESULTS_FILE, run_eval_stage
 
     models = ctx.upstream["models"]
-    return {"results_file": f"{ctx.dirs.uri}/{RESULTS_FILE}"} | run_eval_stage(
+    return cast(EvalResult, {"results_file": f"{ctx.dirs.uri}/{RESULTS_FILE}"} | run_eval_stage(
         within_context(ctx),
         ctx.executor,
         out_dir=str(ctx.dirs.local),
@@ -249,7 +314,8 @@ def run_eval(ctx: StageContext) -> dict[str, Any]:
         tokenizer_path=models["tokenizer"],
         selection_path=ctx.upstream["select"]["selection"],
         holdout=ctx.upstream["ingest"].get("holdout"),
-    )
+        resources=ctx.resources,
+    ))
 
 
 # ----------------------------------------------------------------------------------------- one line
@@ -286,22 +352,33 @@ def _describe_eval(cfg: Config, r: dict[str, Any]) -> str:
     return "; ".join(parts) or "no eval sets"
 
 
+# What a stage reads without it changing its output (Stage.sees; not in the key):
+_TOKENIZER_LOADING = ("model.trust_remote_code",)  # ingest loads the tokenizer its key has the fingerprint of
+# The sketch workers and the train workers get the whole model section (they use only the proxy's or
+# the target's LoRA, init_seed and trust_remote_code, which their stage reads); the warm-up's own
+# cache key (sketch/<warmup>/_DONE) hashes it whole too.
+_WHOLE_MODEL = ("model",)
+
 STAGES: tuple[Stage, ...] = (
     Stage("models", reads=("model.proxy", "model.target", "model.tokenizer", *_LOADING), run=run_models,
-          describe=lambda cfg, r: f"proxy {r.get('proxy')}, target {r.get('target')}"),
-    Stage("ingest", reads=("corpus",), run=run_ingest, needs=("models.tokenizer_fingerprint",),
-          inputs=lambda cfg: [files_key(cfg.corpus.paths)], describe=_describe_ingest),
-    Stage("sketch", reads=("sketch", "corpus.max_tokens", "model.proxy_lora", *_LOADING), run=run_sketch,
-          needs=("models.proxy_fingerprint", "models.proxy_tokenizer_fingerprint", "ingest.records"),
-          inputs=sketch_inputs, describe=lambda cfg, r: f"{r['n_sketches']} sketches ({r['n_computed']} computed), d={cfg.sketch.dim}"),
+          outputs=outputs_of(ModelsResult), describe=lambda cfg, r: f"proxy {r.get('proxy')}, target {r.get('target')}"),
+    Stage("ingest", reads=("corpus",), sees=_TOKENIZER_LOADING, run=run_ingest, needs=("models.tokenizer_fingerprint",),
+          inputs=lambda cfg: [files_key(cfg.corpus.paths)], outputs=outputs_of(IngestResult), describe=_describe_ingest),
+    Stage("sketch", reads=("sketch", "corpus.max_tokens", "model.proxy_lora", *_LOADING), sees=_WHOLE_MODEL, parts=(WARMUP,),
+          run=run_sketch, needs=("models.proxy_fingerprint", "models.proxy_tokenizer_fingerprint", "ingest.records"),
+          inputs=sketch_inputs, resources=lambda cfg: resources_of(cfg.sketch), outputs=outputs_of(SketchResult),
+          describe=lambda cfg, r: f"{r['n_sketches']} sketches ({r['n_computed']} computed), d={cfg.sketch.dim}"),
     Stage("select", reads=("select",), run=run_select, needs=("sketch.sketches", "ingest.records"),
-          inputs=lambda cfg: [files_key([cfg.select.target])] if cfg.select.target else [], describe=_describe_select),
-    Stage("train", reads=("train", "corpus.max_tokens", "model.target_lora", *_LOADING), run=run_train,
+          inputs=lambda cfg: [files_key([cfg.select.target])] if cfg.select.target else [],
+          resources=lambda cfg: resources_of(cfg.select), outputs=outputs_of(SelectResult), describe=_describe_select),
+    Stage("train", reads=("train", "corpus.max_tokens", "model.target_lora", *_LOADING), sees=_WHOLE_MODEL, run=run_train,
           needs=("models.target_fingerprint", "models.tokenizer_fingerprint", "ingest.records", "select.selection"),
-          versioned=True, describe=lambda cfg, r: f"{r['steps']} steps, final loss {r['loss']:.4f}, model: {r['model']}"),
+          versioned=True, resources=lambda cfg: resources_of(cfg.train), outputs=outputs_of(TrainResult),
+          describe=lambda cfg, r: f"{r['steps']} steps, final loss {r['loss']:.4f}, model: {r['model']}"),
     Stage("eval", reads=("eval", "corpus.max_tokens", "model.trust_remote_code"), run=run_eval,
           needs=("models.target_fingerprint", "models.tokenizer_fingerprint", "train.model", "select.selection", "ingest.holdout"),
-          inputs=lambda cfg: [files_key(cfg.eval.paths)], versioned=True, describe=_describe_eval),
+          inputs=lambda cfg: [files_key(cfg.eval.paths)], versioned=True, resources=lambda cfg: resources_of(cfg.eval),
+          outputs=outputs_of(EvalResult), describe=_describe_eval),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 

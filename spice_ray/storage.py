@@ -25,6 +25,13 @@ import pyarrow.parquet as pq
 
 REMOTE_SCHEMES = ("s3://", "gs://", "gcs://")
 
+# Completion markers: a file in a finished directory holding the key it finished under and a newline,
+# written last (the commit point). Two names, as existing run roots have them: a pipeline stage's
+# ``_SUCCESS``, a bench cell's or a sketch warm-up's ``_DONE``. Read and write them with
+# ``Store.mark_done`` / ``Store.done_key`` / ``Store.is_done`` / ``Store.clear_done``.
+STAGE_MARKER = "_SUCCESS"
+DONE_MARKER = "_DONE"
+
 
 def is_remote(uri: str) -> bool:
     """An object store URI (``s3://``, ``gs://``, ``gcs://``): one that is downloaded, cached, timed out."""
@@ -189,6 +196,23 @@ class Store:
 
     def write_text(self, rel: str, text: str) -> None:
         self.write_bytes(rel, text.encode())
+
+    def mark_done(self, rel: str, key: str, *, marker: str = DONE_MARKER) -> None:
+        """Mark the directory ``rel`` finished under ``key`` (``rel/<marker>`` holding ``key`` and a newline)."""
+        self.write_text(f"{rel}/{marker}" if rel else marker, key + "\n")
+
+    def done_key(self, rel: str, *, marker: str = DONE_MARKER) -> str | None:
+        """The key the directory ``rel`` finished under; None when it has no marker."""
+        path = f"{rel}/{marker}" if rel else marker
+        return self.read_text(path).strip() if self.exists(path) else None
+
+    def is_done(self, rel: str, key: str, *, marker: str = DONE_MARKER) -> bool:
+        """Whether the directory ``rel`` finished under ``key``."""
+        return self.done_key(rel, marker=marker) == key
+
+    def clear_done(self, rel: str, *, marker: str = DONE_MARKER) -> None:
+        """Remove ``rel``'s marker (before its work is redone: unfinished work is never trusted)."""
+        self.delete(f"{rel}/{marker}" if rel else marker)
 
     def copy(self, src_rel: str, dst_rel: str) -> None:
         """Copy one file under the root."""

@@ -21,12 +21,12 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from spice_ray.storage import is_uri
+from spice_ray.storage import STAGE_MARKER, is_uri
 
 log = logging.getLogger(__name__)
 
 REPORT_STAGES = ("ingest", "sketch", "select", "train", "eval")
-MARKER = "_SUCCESS"
+MARKER = STAGE_MARKER  # a finished stage's marker (spice_ray.storage)
 MANIFEST = "manifest.json"
 
 

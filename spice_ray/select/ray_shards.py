@@ -138,16 +138,21 @@ def select_sharded(
             ray.kill(a)
 
 
-def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_path: str | None = None) -> dict[str, Any]:
+def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_path: str | None = None,
+                resources: Any | None = None) -> dict[str, Any]:
     """The select stage over ``select.shards`` shard actors; the driver writes the outputs.
 
     The same preparation as :func:`~spice_ray.select.stage.select_to_dir` (scaling, α, quotas), done
-    by the shards on their rows with the driver's global token factors and median.
+    by the shards on their rows with the driver's global token factors and median. ``resources``:
+    each shard actor's (default: ``resources_of(cfg)``).
     """
+    from spice_ray.executor_types import resources_of
     from spice_ray.select.io import read_record_sources
     from spice_ray.select.output import checkpoint_dir, write_selection
 
     t0 = time.perf_counter()
+    resources = resources or resources_of(cfg)
+    gpus = resources.gpus or 0.0
     uids = read_sketch_uids(str(sketches_path))
     n = len(uids)
     if cfg.quota == "source" and records_path is None:
@@ -162,12 +167,12 @@ def run_sharded(sketches_path: str, out_dir: str, cfg: SelectConfig, records_pat
         lam=cfg.lam,
         omega=cfg.omega,
         lazy=cfg.lazy,
-        device=stage_device(cfg.device, cfg.num_gpus),
+        device=stage_device(cfg.device, gpus),
         scale=cfg.scale,
         groups=groups,
-        num_cpus=cfg.num_cpus,
-        num_gpus=cfg.num_gpus,
-        resources=cfg.resources,
+        num_cpus=resources.cpus,
+        num_gpus=gpus,
+        resources=dict(resources.custom),
         checkpoint_dir=checkpoint_dir(out_dir),
         checkpoint_every=cfg.checkpoint_every,
     )

@@ -112,21 +112,22 @@ def _rows(which: np.ndarray, uids: np.ndarray, G: np.ndarray, loss_tokens: np.nd
     return uids[which], G[which], None if loss_tokens is None else np.asarray(loss_tokens)[which]
 
 
-def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, executor: Any, records_path: str | None = None) -> dict[str, Any]:
+def run_select_stage(sketches_path: str, out_dir: str, cfg: SelectConfig, executor: Any, records_path: str | None = None,
+                     resources: Any | None = None) -> dict[str, Any]:
     """The select stage: :func:`select_to_dir` as one unit of work of ``executor`` (a GPU eager
     pass when it gets a GPU), or over ``select.shards`` Ray shard actors for sketch sets larger
     than one machine's memory (any scale, α and quota; the same picks). Sharding needs the ray
     executor and a greedy method (spice | logdet); otherwise a warning says which and one worker
-    selects."""
-    from spice_ray.executor import Resources
+    selects. ``resources``: the selector's (default: ``resources_of(cfg)``)."""
+    from spice_ray.executor import resources_of
 
-    resources = Resources(cpus=cfg.num_cpus, gpus=cfg.num_gpus, custom=cfg.resources)
+    resources = resources or resources_of(cfg)
     if cfg.shards > 1:
         why = refusal(cfg.method, executor.name, cfg.budget, cfg.target)
         if why is None:
             from spice_ray.select.ray_shards import run_sharded
 
-            return run_sharded(sketches_path, out_dir, cfg, records_path=records_path)
+            return run_sharded(sketches_path, out_dir, cfg, records_path=records_path, resources=resources)
         log.warning("select.shards=%d not used: %s; selecting in one worker", cfg.shards, why)
     device = stage_device(cfg.device, executor.gpus(resources), cfg.budget)
     return executor.call(select_to_dir, str(sketches_path), str(out_dir), cfg, device=device, records_path=records_path, resources=resources)

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from spice_ray import progress
 from spice_ray.config import Config
-from spice_ray.executor import Executor, RecordBatches, Resources, read_record_batches
+from spice_ray.executor import Executor, RecordBatches, Resources, read_record_batches, resources_of
 from spice_ray.sketch.cache import SketchCache, publish
 from spice_ray.sketch.projection import ProjectionSpec, stable_seed
 from spice_ray.sketch.worker import SketchWorker, layer_shapes, sketch_schema
@@ -141,7 +141,7 @@ def run_warmup(cfg: Config, executor: Executor, *, records_path: str, model_path
             sort_keys=True,
         ).encode()
     ).hexdigest()
-    if store.exists("warmup/_DONE") and store.read_text("warmup/_DONE").strip() == key:
+    if store.is_done("warmup", key):
         logger.info("warm-up: reusing %s", store.uri("warmup"))
         return json.loads(store.read_text("warmup/warmup.json"))
     store.delete("warmup")
@@ -165,13 +165,8 @@ def run_warmup(cfg: Config, executor: Executor, *, records_path: str, model_path
         "seconds": round(time.time() - t0, 3),
     }
     store.write_text("warmup/warmup.json", json.dumps(result, indent=2))
-    store.write_text("warmup/_DONE", key + "\n")
+    store.mark_done("warmup", key)
     return result
-
-
-def _resources(cfg: Config) -> Resources:
-    s = cfg.sketch
-    return Resources(cpus=s.num_cpus_per_worker, gpus=s.num_gpus_per_worker, workers=s.num_workers, custom=s.resources)
 
 
 def run_sketch_stage(
@@ -184,14 +179,15 @@ def run_sketch_stage(
     out_dir: str,
     cache_dir: str | None = None,
     model_fingerprint: str | None = None,
+    resources: Resources | None = None,
 ) -> dict[str, Any]:
     """Sketch the records not in the cache; write ``out_dir/sketches/*.parquet`` holding exactly the
     records' sketches. ``cache_dir`` (or ``sketch.cache_dir``): the sketch cache; None: a cache
     under ``out_dir`` (``parts/``). Returns counts, the spec, the projection spec and the fidelity
-    report for the manifest."""
+    report for the manifest. ``resources``: each sketch actor's (default: ``resources_of(cfg.sketch)``)."""
     s = cfg.sketch
     t_start = time.time()
-    resources = _resources(cfg)
+    resources = resources or resources_of(s)
     result: dict[str, Any] = {}
     state_path = s.optimizer_state
     if s.warmup_fraction > 0:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spice_ray.config import Config, TrainConfig
-from spice_ray.executor import Executor, Resources
+from spice_ray.executor import Executor, Resources, resources_of
 from spice_ray.storage import is_uri
 
 logger = logging.getLogger(__name__)
@@ -158,6 +158,7 @@ def run_train_stage(
     tokenizer_path: str | None = None,
     callbacks: list[Any] | None = None,
     data_config: Any | None = None,
+    resources: Resources | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model_path`` on the selected records; returns the summary (also written to
     ``<out_dir>/train_summary.json``) with the export path ``<out_dir>/model``.
@@ -165,7 +166,8 @@ def run_train_stage(
     ``records_path``: the ingest output (``uid``, ``messages``). ``selection_path``: a parquet with a
     ``uid`` column. ``max_tokens``: truncation length unless ``train.max_length`` is set.
     ``callbacks`` / ``data_config``: Ray Train fault drills (Ray executor only). Resumes from the
-    latest checkpoint under ``<out_dir>/checkpoints`` when one exists.
+    latest checkpoint under ``<out_dir>/checkpoints`` when one exists. ``resources``: each worker's
+    (default: ``resources_of(cfg.train)``).
     """
     from spice_ray.models import load_tokenizer
     from spice_ray.storage import Store
@@ -176,7 +178,7 @@ def run_train_stage(
     store = Store(out_dir)
     tokenizer_path = tokenizer_path or cfg.model.tokenizer or model_path
     tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code)
-    resources = train_resources(tcfg)
+    resources = resources or resources_of(tcfg)
     use_gpu = executor.gpus(resources) > 0
 
     rows, n_selected = training_rows(records_path, selection_path, tokenizer, max_tokens=tcfg.max_length or max_tokens, seed=tcfg.seed)
@@ -202,12 +204,6 @@ def run_train_stage(
     store.write_text(SUMMARY_FILE, json.dumps(summary, indent=2))
     logger.info("train: %d steps, final loss %s, model at %s", summary["steps"], summary["loss"], export_dir)
     return summary
-
-
-def train_resources(tcfg: TrainConfig) -> Resources:
-    """What each train worker needs (``train.use_gpu`` None: a GPU when the executor has any)."""
-    return Resources(cpus=tcfg.cpus_per_worker, gpus=None if tcfg.use_gpu is None else float(tcfg.use_gpu), workers=tcfg.num_workers,
-                     custom=tcfg.resources)
 
 
 def checked_plan(n_rows: int, n_selected: int, tcfg: TrainConfig) -> dict[str, int]:

@@ -46,10 +46,30 @@ def test_resources_become_ray_arguments():
 
 
 def test_stages_declare_their_sections_resources():
-    from spice_ray.sketch.stage import _resources
+    from spice_ray.executor import resources_of
+    from spice_ray.stages import stage
 
     cfg = load_config(None, ["sketch.resources={spread: 1}", "sketch.num_workers=2"])
-    assert _resources(cfg) == Resources(cpus=0.5, gpus=None, workers=2, custom={"spread": 1.0})
+    assert resources_of(cfg.sketch) == Resources(cpus=0.5, gpus=None, workers=2, custom={"spread": 1.0})
+    assert stage("sketch").resources(cfg) == resources_of(cfg.sketch)
+
+
+def test_one_function_maps_every_section_s_resource_fields():
+    """Four sections, four spellings of the same thing (the user-facing names stay): one Resources each."""
+    from spice_ray.executor import resources_of
+
+    cfg = load_config(None, ["sketch.num_cpus_per_worker=2", "sketch.num_gpus_per_worker=0.5", "sketch.num_workers=3",
+                             "select.num_cpus=1.5", "select.num_gpus=1", "select.resources={pool: 1}",
+                             "train.cpus_per_worker=4", "train.use_gpu=false", "train.num_workers=2", "train.resources={a: 2}",
+                             "eval.num_cpus=3", "eval.num_gpus=0.25", "eval.resources={b: 1}"])
+    assert resources_of(cfg.sketch) == Resources(cpus=2, gpus=0.5, workers=3)
+    assert resources_of(cfg.select) == Resources(cpus=1.5, gpus=1.0, custom={"pool": 1.0})
+    assert resources_of(cfg.train) == Resources(cpus=4, gpus=0.0, workers=2, custom={"a": 2.0})
+    assert resources_of(Config().train).gpus is None  # use_gpu None: a GPU when the executor has any
+    assert resources_of(cfg.eval) == Resources(cpus=3, gpus=0.25, custom={"b": 1.0})
+    assert resources_of(Config().eval) == Resources(cpus=0.5, gpus=None)
+    with pytest.raises(TypeError, match="no resources in a CorpusConfig"):
+        resources_of(cfg.corpus)
 
 
 def test_a_ray_task_gets_the_custom_resources(monkeypatch):

@@ -337,7 +337,8 @@ def _fake_stages():
              "select": ("sketch.sketches",), "train": ("select.selection",), "eval": ("train.model",)}
     reads = {"models": ("model.proxy",), "ingest": ("corpus",), "sketch": ("sketch",), "select": ("select",),
              "train": ("train",), "eval": ("eval",)}
-    return tuple(Stage(n, reads=reads[n], run=make(n, f), needs=needs[n]) for n, f in fields.items())
+    # each writes corpus.demo_size (not in its key: ``sees``), so a changed corpus changes every artifact
+    return tuple(Stage(n, reads=reads[n], sees=("corpus.demo_size",), run=make(n, f), needs=needs[n]) for n, f in fields.items())
 
 
 def test_an_inner_call_leaves_status_latest_and_config_to_the_users_run(tmp_path, monkeypatch, caplog):
