@@ -282,6 +282,26 @@ def select_problem(seed: int, n: int = 40, d: int = 8, *, anti: int = 6, scale: 
     return scale * G * rng.uniform(0.5, 1.5, size=(n, 1))
 
 
+def sketch_like(seed: int, n: int, d: int, *, dup: int = 4, zeros: int = 2) -> np.ndarray:
+    """float32 rows like gradient sketches: a shared direction, a decaying spectrum, log-normal norms,
+    some exact duplicate rows and some zero rows."""
+    rng = np.random.default_rng(seed)
+    spec = (1.0 + np.arange(d)) ** -0.7
+    Q = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    mean = rng.normal(size=d)
+    mean /= np.linalg.norm(mean)
+    X = (rng.normal(size=(n, d)) * spec) @ Q + 0.25 * mean
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    X *= rng.lognormal(0.0, 0.5, size=(n, 1))
+    if dup:
+        src = rng.choice(n, size=dup, replace=False)
+        dst = rng.choice(np.setdiff1d(np.arange(n), src), size=dup, replace=False)
+        X[dst] = X[src]
+    if zeros:
+        X[rng.choice(n, size=zeros, replace=False)] = 0.0
+    return X.astype(np.float32)
+
+
 def write_sketches(path, uids: list[str], G: np.ndarray, *, fixed: bool = True) -> None:
     n, d = G.shape
     values = pa.array(G.reshape(-1), type=pa.float32() if G.dtype == np.float32 else pa.float16())
