@@ -8,7 +8,11 @@ imported, nothing runs).
    ``publish_once`` and ``replace_dir`` instead.
 2. The import graph of ``spice_ray`` has no cycles, counting imports inside functions too (a cycle
    through a function-level import works at run time but is still two modules that need each other).
-3. ``tests/unit`` starts no subprocess, browser or pipeline: no test there imports ``subprocess`` or
+3. Ray is imported only by its shells (``RAY_MODULES``: the executor, the shard actors, the Ray Train
+   session, the fault drills, job submission, the log routing, the test helpers), and the math and
+   data rooms (``corpus/``, ``select/`` but its stage and Ray shells, ``sketch/`` but its stage,
+   ``config``, ``storage``) reach none of them through any chain of imports.
+4. ``tests/unit`` starts no subprocess, browser or pipeline: no test there imports ``subprocess`` or
    ``multiprocessing``, uses ``sys.executable`` or ``os.system``, calls ``run_pipeline``,
    ``run_bench``, a ``run_*_stage``, ``run_loop`` or ``LocalExecutor``, invokes a CLI command that
    runs stages (``run``, ``select``, ``bench``, ...) with a literal argument list, or takes the Ray
@@ -169,6 +173,45 @@ def test_no_import_cycles():
     cycles = _cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" → ".join(c) for c in cycles)
 
+
+RAY_MODULES = {"spice_ray.ray_executor", "spice_ray.select.ray_shards", "spice_ray.train.session", "spice_ray.train.faults",
+               "spice_ray.submit", "spice_ray.logs", "spice_ray.testing"}
+STAGE_SHELLS = {"spice_ray.select.ray_shards", "spice_ray.select.stage", "spice_ray.sketch.stage"}
+
+
+def _imports_ray(path: Path) -> list[int]:
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        lines += [node.lineno for name in names if name == "ray" or name.startswith("ray.")]
+    return lines
+
+
+def test_ray_is_imported_only_by_its_shells():
+    bad = [f"spice_ray/{path.relative_to(PACKAGE).as_posix()}:{line}: imports ray"
+           for name, path in _modules().items() if name not in RAY_MODULES for line in _imports_ray(path)]
+    assert not bad, "Ray belongs in the modules of RAY_MODULES:\n" + "\n".join(bad)
+
+
+def test_the_math_and_data_rooms_reach_no_ray_module():
+    graph = import_graph()
+    rooms = ("spice_ray.corpus", "spice_ray.select", "spice_ray.sketch", "spice_ray.config", "spice_ray.storage")
+    bad = []
+    for name in sorted(graph):
+        if not name.startswith(rooms) or name in STAGE_SHELLS:
+            continue
+        seen, todo = set(), [name]
+        while todo:
+            for child in graph[todo.pop()] - seen:
+                seen.add(child)
+                todo.append(child)
+        bad += [f"{name} reaches {ray}" for ray in sorted(seen & RAY_MODULES)]
+    assert not bad, "\n".join(bad)
 
 UNIT_FORBIDDEN_MODULES = {"subprocess", "multiprocessing", "playwright", "pyppeteer", "selenium"}
 UNIT_FORBIDDEN_ATTRIBUTES = {("sys", "executable"), ("os", "system"), ("os", "fork"), ("os", "posix_spawn"), ("ray", "init")}
