@@ -1,7 +1,8 @@
 """Helpers for spice-ray's own tests (and anyone testing code that runs it): a free loopback port,
 a separate ``ray start --head`` on loopback with free ports for every agent and more nodes joined to
 it, a SeaweedFS S3 server, the artifact digests two runs compare, and the location of the shared
-real data. Nothing here is imported by the library itself."""
+real data, small selection problems, a synthetic run root for the report, and training inputs.
+Nothing here is imported by the library itself."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -280,6 +282,26 @@ def select_problem(seed: int, n: int = 40, d: int = 8, *, anti: int = 6, scale: 
     return scale * G * rng.uniform(0.5, 1.5, size=(n, 1))
 
 
+def sketch_like(seed: int, n: int, d: int, *, dup: int = 4, zeros: int = 2) -> np.ndarray:
+    """float32 rows like gradient sketches: a shared direction, a decaying spectrum, log-normal norms,
+    some exact duplicate rows and some zero rows."""
+    rng = np.random.default_rng(seed)
+    spec = (1.0 + np.arange(d)) ** -0.7
+    Q = np.linalg.qr(rng.normal(size=(d, d)))[0]
+    mean = rng.normal(size=d)
+    mean /= np.linalg.norm(mean)
+    X = (rng.normal(size=(n, d)) * spec) @ Q + 0.25 * mean
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    X *= rng.lognormal(0.0, 0.5, size=(n, 1))
+    if dup:
+        src = rng.choice(n, size=dup, replace=False)
+        dst = rng.choice(np.setdiff1d(np.arange(n), src), size=dup, replace=False)
+        X[dst] = X[src]
+    if zeros:
+        X[rng.choice(n, size=zeros, replace=False)] = 0.0
+    return X.astype(np.float32)
+
+
 def write_sketches(path, uids: list[str], G: np.ndarray, *, fixed: bool = True) -> None:
     n, d = G.shape
     values = pa.array(G.reshape(-1), type=pa.float32() if G.dtype == np.float32 else pa.float16())
@@ -296,6 +318,125 @@ def write_sketches(path, uids: list[str], G: np.ndarray, *, fixed: bool = True) 
         }
     )
     pq.write_table(table, path)
+
+
+# ------------------------------------------------------------------------------------ report runs
+
+REPORT_SOURCES = {"arithmetic": 50, "capitals": 30, "noisy": 20, "sort_list": 20}  # 120 records
+_REPORT_D = 12
+REPORT_SCRIPT_PROMPT = "What does <script>alert('x')</script> & co print?"
+
+
+def _report_uid(i: int) -> str:
+    return f"{i:04d}" + "ab" * 30  # 64 hex-ish chars, sorted by i
+
+
+def report_messages(i: int, source: str) -> list[dict[str, str]]:
+    if i == 3:
+        prompt = REPORT_SCRIPT_PROMPT
+    else:
+        prompt = f"[{source}] question number {i}: what is {i} plus {i}?"
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"answer {2 * i} from {source}"}]
+
+
+def make_report_run(
+    root: Path,
+    *,
+    k: int = 24,
+    method: str = "spice",
+    lam: float = 0.1,
+    omega: float | None = None,
+    sketch_seed: int = 0,
+    stages: tuple[str, ...] = ("ingest", "sketch", "select", "train"),
+) -> Path:
+    """A small synthetic run root in the README's layout (records, quarantine, sketches, selection,
+    manifests, train metrics) for the report's tests: 120 records of four sources, no model, no Ray."""
+    rng = np.random.default_rng(sketch_seed)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.yaml").write_text(f"select:\n  alpha: 1.0\n  lam: {lam}\n  seed: 0\n  method: {method}\n")
+    uids, sources, messages, n_tokens = [], [], [], []
+    i = 0
+    for source, count in REPORT_SOURCES.items():
+        for _ in range(count):
+            uids.append(_report_uid(i))
+            sources.append(source)
+            messages.append(report_messages(i, source))
+            n_tokens.append(int(20 + (i * 7) % 90 + (60 if source == "noisy" else 0)))
+            i += 1
+    n = len(uids)
+
+    def manifest(stage: str, result: dict[str, Any]) -> None:
+        d = root / stage
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "manifest.json").write_text(json.dumps({"stage": stage, "key": "k-" + stage, "result": result}))
+        (d / "_SUCCESS").write_text("k-" + stage + "\n")
+
+    if "ingest" in stages:
+        ing = root / "ingest"
+        ing.mkdir(parents=True, exist_ok=True)
+        msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+        pq.write_table(pa.table({
+            "uid": pa.array(uids, pa.string()),
+            "source": pa.array(sources, pa.string()),
+            "messages": pa.array(messages, msg_type),
+            "n_tokens": pa.array(n_tokens, pa.int32()),
+            "file": pa.array(["corpus.jsonl"] * n, pa.string()),
+            "line": pa.array(np.arange(1, n + 1), pa.int64()),
+        }), ing / "records.parquet")
+        quarantine = [
+            ("/data/corpus.jsonl", 7, "invalid_json", "Expecting value at column 1"),
+            ("/data/corpus.jsonl", 9, "duplicate", "same uid as /data/corpus.jsonl:2"),
+            ("/data/corpus.jsonl", 11, "duplicate", "same uid as /data/corpus.jsonl:5"),
+            ("/data/other.jsonl", 3, "too_long", "1400 tokens > 1024"),
+            ("/data/other.jsonl", 4, "missing_field", "no 'output' <b>field</b>"),
+        ]
+        pq.write_table(pa.table({
+            "file": [q[0] for q in quarantine], "line": pa.array([q[1] for q in quarantine], pa.int64()),
+            "reason": [q[2] for q in quarantine], "detail": [q[3] for q in quarantine],
+            "raw": ["{}"] * len(quarantine), "raw_bytes": pa.array([2] * len(quarantine), pa.int64()),
+            "source": ["corpus"] * len(quarantine),
+        }), ing / "quarantine.parquet")
+        reasons: dict[str, int] = {}
+        for q in quarantine:
+            reasons[q[2]] = reasons.get(q[2], 0) + 1
+        manifest("ingest", {"records": str(ing / "records.parquet"), "quarantine": str(ing / "quarantine.parquet"),
+                            "n_in": n + len(quarantine), "n_kept": n, "n_quarantined": len(quarantine),
+                            "reasons": reasons, "sources": dict(REPORT_SOURCES)})
+
+    if "sketch" in stages:
+        centers = {s: rng.normal(size=_REPORT_D) for s in REPORT_SOURCES}
+        centers["noisy"] = -centers["arithmetic"]  # conflicting gradients
+        G = np.stack([centers[s] * 0.6 + rng.normal(size=_REPORT_D) for s in sources]).astype(np.float32)
+        sk = root / "sketch" / "sketches"
+        sk.mkdir(parents=True, exist_ok=True)
+        order = rng.permutation(n)  # files need not be sorted by uid
+        for part, idx in enumerate(np.array_split(order, 2)):
+            pq.write_table(pa.table({
+                "uid": pa.array([uids[j] for j in idx], pa.string()),
+                "sketch": pa.FixedSizeListArray.from_arrays(pa.array(G[idx].ravel(), pa.float32()), _REPORT_D),
+                "loss": pa.array(rng.uniform(0.5, 3, size=len(idx))),
+                "grad_norm": pa.array(np.linalg.norm(G[idx], axis=1).astype(np.float64)),
+                "n_tokens": pa.array([n_tokens[j] for j in idx], pa.int32()),
+            }), sk / f"part-{part}.parquet")
+        manifest("sketch", {"sketches": str(sk), "n_records": n, "n_sketches": n, "num_workers": 1})
+
+    if "select" in stages:
+        from spice_ray.config import SelectConfig
+        from spice_ray.select.stage import select_to_dir
+
+        cfg = SelectConfig(method=method, k=k, fraction=None, alpha=1.0, scale="none", lam=lam, omega=omega, seed=0)
+        summary = select_to_dir(str(root / "sketch" / "sketches"), str(root / "select"), cfg)
+        manifest("select", {"selection": str(root / "select" / "selection.parquet"), **summary})
+
+    if "train" in stages:
+        tr = root / "train"
+        tr.mkdir(parents=True, exist_ok=True)
+        hist = [{"step": s, "epoch": 0, "loss": 3.0 / s ** 0.3, "lr": 2e-4, "tokens": 100 * s, "elapsed_s": s * 0.1}
+                for s in range(1, 9)]
+        (tr / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist) + '{"step": 9, "lo')  # torn last line
+        manifest("train", {"model": str(tr / "model"), "loss": hist[-1]["loss"], "steps": 8, "planned_steps": 8,
+                           "n_selected": k, "n_train_rows": k, "metrics": str(tr / "metrics.jsonl")})
+    return root
 
 
 # ----------------------------------------------------------------------------------- train inputs

@@ -1,9 +1,11 @@
 """Shared fixtures: one session-scoped local Ray, the executors and a tiny built-in model; and the
 markers of a test by what it costs.
 
-Tests are in three folders by cost: ``unit/`` (no Ray, no DeepSpeed, no server: ``make test-fast``),
-``integration/`` (one stage or drill on Ray, DeepSpeed or the local executor) and ``e2e/`` (whole
-runs, real servers, the real corpus). Everything outside ``unit/`` is marked ``slow``; a test using
+Tests are in three folders by cost: ``unit/`` (in this process only: no subprocess, browser, Ray,
+DeepSpeed, server, pipeline run, stage run or training loop: ``make test-fast``), ``integration/``
+(one stage or drill on Ray, DeepSpeed or the local executor; a pipeline run with stand-in stages;
+the one-process training loop; a subprocess or a headless browser) and ``e2e/`` (whole runs, real
+servers, the real corpus). Everything outside ``unit/`` is marked ``slow``; a test using
 the session's Ray is marked ``ray``. Heavy modules (torch, transformers, Ray) are imported inside
 tests and fixtures, not at collection.
 """

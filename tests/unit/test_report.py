@@ -5,137 +5,22 @@ from __future__ import annotations
 import base64
 import json
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from spice_ray.config import SelectConfig
 from spice_ray.report import compare_runs, load_run, write_report
 from spice_ray.report.analysis import _average_ranks, logdet_curves, spearman
 from spice_ray.report.render import fmt, pct
 from spice_ray.select import read_sketches, select
-
-SOURCES = {"arithmetic": 50, "capitals": 30, "noisy": 20, "sort_list": 20}  # 120 records
-D = 12
-SCRIPT_PROMPT = "What does <script>alert('x')</script> & co print?"
-
-
-def _uid(i: int) -> str:
-    return f"{i:04d}" + "ab" * 30  # 64 hex-ish chars, sorted by i
-
-
-def _messages(i: int, source: str) -> list[dict[str, str]]:
-    if i == 3:
-        prompt = SCRIPT_PROMPT
-    else:
-        prompt = f"[{source}] question number {i}: what is {i} plus {i}?"
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": f"answer {2 * i} from {source}"}]
-
-
-def make_run(
-    root: Path,
-    *,
-    k: int = 24,
-    method: str = "spice",
-    lam: float = 0.1,
-    omega: float | None = None,
-    sketch_seed: int = 0,
-    stages: tuple[str, ...] = ("ingest", "sketch", "select", "train"),
-) -> Path:
-    """A run root in the README's layout: records, quarantine, sketches, selection, manifests, train."""
-    rng = np.random.default_rng(sketch_seed)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.yaml").write_text(f"select:\n  alpha: 1.0\n  lam: {lam}\n  seed: 0\n  method: {method}\n")
-    uids, sources, messages, n_tokens = [], [], [], []
-    i = 0
-    for source, count in SOURCES.items():
-        for _ in range(count):
-            uids.append(_uid(i))
-            sources.append(source)
-            messages.append(_messages(i, source))
-            n_tokens.append(int(20 + (i * 7) % 90 + (60 if source == "noisy" else 0)))
-            i += 1
-    n = len(uids)
-
-    def manifest(stage: str, result: dict[str, Any]) -> None:
-        d = root / stage
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "manifest.json").write_text(json.dumps({"stage": stage, "key": "k-" + stage, "result": result}))
-        (d / "_SUCCESS").write_text("k-" + stage + "\n")
-
-    if "ingest" in stages:
-        ing = root / "ingest"
-        ing.mkdir(parents=True, exist_ok=True)
-        msg_type = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-        pq.write_table(pa.table({
-            "uid": pa.array(uids, pa.string()),
-            "source": pa.array(sources, pa.string()),
-            "messages": pa.array(messages, msg_type),
-            "n_tokens": pa.array(n_tokens, pa.int32()),
-            "file": pa.array(["corpus.jsonl"] * n, pa.string()),
-            "line": pa.array(np.arange(1, n + 1), pa.int64()),
-        }), ing / "records.parquet")
-        quarantine = [
-            ("/data/corpus.jsonl", 7, "invalid_json", "Expecting value at column 1"),
-            ("/data/corpus.jsonl", 9, "duplicate", "same uid as /data/corpus.jsonl:2"),
-            ("/data/corpus.jsonl", 11, "duplicate", "same uid as /data/corpus.jsonl:5"),
-            ("/data/other.jsonl", 3, "too_long", "1400 tokens > 1024"),
-            ("/data/other.jsonl", 4, "missing_field", "no 'output' <b>field</b>"),
-        ]
-        pq.write_table(pa.table({
-            "file": [q[0] for q in quarantine], "line": pa.array([q[1] for q in quarantine], pa.int64()),
-            "reason": [q[2] for q in quarantine], "detail": [q[3] for q in quarantine],
-            "raw": ["{}"] * len(quarantine), "raw_bytes": pa.array([2] * len(quarantine), pa.int64()),
-            "source": ["corpus"] * len(quarantine),
-        }), ing / "quarantine.parquet")
-        reasons: dict[str, int] = {}
-        for q in quarantine:
-            reasons[q[2]] = reasons.get(q[2], 0) + 1
-        manifest("ingest", {"records": str(ing / "records.parquet"), "quarantine": str(ing / "quarantine.parquet"),
-                            "n_in": n + len(quarantine), "n_kept": n, "n_quarantined": len(quarantine),
-                            "reasons": reasons, "sources": dict(SOURCES)})
-
-    if "sketch" in stages:
-        centers = {s: rng.normal(size=D) for s in SOURCES}
-        centers["noisy"] = -centers["arithmetic"]  # conflicting gradients
-        G = np.stack([centers[s] * 0.6 + rng.normal(size=D) for s in sources]).astype(np.float32)
-        sk = root / "sketch" / "sketches"
-        sk.mkdir(parents=True, exist_ok=True)
-        order = rng.permutation(n)  # files need not be sorted by uid
-        for part, idx in enumerate(np.array_split(order, 2)):
-            pq.write_table(pa.table({
-                "uid": pa.array([uids[j] for j in idx], pa.string()),
-                "sketch": pa.FixedSizeListArray.from_arrays(pa.array(G[idx].ravel(), pa.float32()), D),
-                "loss": pa.array(rng.uniform(0.5, 3, size=len(idx))),
-                "grad_norm": pa.array(np.linalg.norm(G[idx], axis=1).astype(np.float64)),
-                "n_tokens": pa.array([n_tokens[j] for j in idx], pa.int32()),
-            }), sk / f"part-{part}.parquet")
-        manifest("sketch", {"sketches": str(sk), "n_records": n, "n_sketches": n, "num_workers": 1})
-
-    if "select" in stages:
-        from spice_ray.select.stage import select_to_dir
-
-        cfg = SelectConfig(method=method, k=k, fraction=None, alpha=1.0, scale="none", lam=lam, omega=omega, seed=0)
-        summary = select_to_dir(str(root / "sketch" / "sketches"), str(root / "select"), cfg)
-        manifest("select", {"selection": str(root / "select" / "selection.parquet"), **summary})
-
-    if "train" in stages:
-        tr = root / "train"
-        tr.mkdir(parents=True, exist_ok=True)
-        hist = [{"step": s, "epoch": 0, "loss": 3.0 / s ** 0.3, "lr": 2e-4, "tokens": 100 * s, "elapsed_s": s * 0.1}
-                for s in range(1, 9)]
-        (tr / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist) + '{"step": 9, "lo')  # torn last line
-        manifest("train", {"model": str(tr / "model"), "loss": hist[-1]["loss"], "steps": 8, "planned_steps": 8,
-                           "n_selected": k, "n_train_rows": k, "metrics": str(tr / "metrics.jsonl")})
-    return root
+from spice_ray.testing import REPORT_SCRIPT_PROMPT as SCRIPT_PROMPT
+from spice_ray.testing import REPORT_SOURCES as SOURCES
+from spice_ray.testing import make_report_run as make_run
+from spice_ray.testing import report_messages as _messages
 
 
 @pytest.fixture(scope="module")
@@ -383,34 +268,6 @@ def test_compare_runs_overlap(tmp_path) -> None:
     assert "| arithmetic |" in md
     # the same run against itself: full overlap
     assert "| 24 | 24 | 24 | 24 | 0 | 0 | 1.0000 |" in compare_runs(a, a)
-
-
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage"]
-
-
-def test_renders_in_headless_chromium(full_run, tmp_path) -> None:
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("chromium not on PATH (apt-get install chromium) — headless render check skipped")
-    _, index = full_run
-    with tempfile.TemporaryDirectory() as profile:
-        dom = subprocess.run([browser, *CHROME_FLAGS, f"--user-data-dir={profile}", "--dump-dom", index.as_uri()],
-                             capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    assert "<title>SPICE report: full</title>" in dom.stdout
-    assert "Source mix" in dom.stdout
-    shot = tmp_path / "shot.png"
-    with tempfile.TemporaryDirectory() as profile:
-        res = subprocess.run([browser, *CHROME_FLAGS, f"--user-data-dir={profile}", f"--screenshot={shot}",
-                              "--window-size=1280,1600", index.as_uri()], capture_output=True, text=True, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert shot.is_file() and shot.read_bytes()[:4] == b"\x89PNG" and shot.stat().st_size > 10_000
 
 
 def test_a_remote_root_reports_through_a_mirror_of_what_the_report_reads(tmp_path):

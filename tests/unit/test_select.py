@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -223,16 +222,6 @@ def test_bad_arguments() -> None:
 def test_progress_bar_runs() -> None:
     sel = select(select_problem(0), 5, progress=True)
     assert len(sel) == 5
-
-
-def test_library_does_not_import_ray() -> None:
-    import subprocess
-
-    code = "import sys, spice_ray.select; print('ray' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
-
-
 
 
 def test_read_sketches_sorts_and_handles_list_types(tmp_path) -> None:

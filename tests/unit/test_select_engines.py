@@ -7,9 +7,6 @@ brute-force slogdet oracle on problems small enough to brute-force.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +31,7 @@ from spice_ray.select.diagnostics import (
     spearman,
 )
 from spice_ray.select.io import read_sketch_uids
+from spice_ray.testing import sketch_like
 
 
 def oracle(
@@ -65,26 +63,6 @@ def oracle(
             break
         new.append(best)
     return new
-
-
-def sketch_like(seed: int, n: int, d: int, *, dup: int = 4, zeros: int = 2) -> np.ndarray:
-    """float32 rows like gradient sketches: a shared direction, a decaying spectrum, log-normal norms,
-    some exact duplicate rows and some zero rows."""
-    rng = np.random.default_rng(seed)
-    spec = (1.0 + np.arange(d)) ** -0.7
-    Q = np.linalg.qr(rng.normal(size=(d, d)))[0]
-    mean = rng.normal(size=d)
-    mean /= np.linalg.norm(mean)
-    X = (rng.normal(size=(n, d)) * spec) @ Q + 0.25 * mean
-    X /= np.linalg.norm(X, axis=1, keepdims=True)
-    X *= rng.lognormal(0.0, 0.5, size=(n, 1))
-    if dup:
-        src = rng.choice(n, size=dup, replace=False)
-        dst = rng.choice(np.setdiff1d(np.arange(n), src), size=dup, replace=False)
-        X[dst] = X[src]
-    if zeros:
-        X[rng.choice(n, size=zeros, replace=False)] = 0.0
-    return X.astype(np.float32)
 
 
 def tie_problem(seed: int, n: int = 48, d: int = 6) -> np.ndarray:
@@ -279,28 +257,6 @@ def test_resume_after_exception_equals_uninterrupted(tmp_path, method: str, lazy
     assert np.array_equal(resumed.gains, full.gains) and np.array_equal(resumed.conflicts, full.conflicts)
     assert json.loads((ck / "picks.json").read_text())["complete"]
     assert not [p for p in ck.iterdir() if p.name.startswith(".")]
-
-
-def test_resume_after_sigkill_equals_uninterrupted(tmp_path) -> None:
-    G = sketch_like(7, n=200, d=12)
-    np.save(tmp_path / "G.npy", G)
-    ck = tmp_path / "ck"
-    code = (
-        "import os, signal, sys, numpy as np\n"
-        "from spice_ray.select import select\n"
-        "G = np.load(sys.argv[1])\n"
-        "def on_step(step, index):\n"
-        "    if step == 10:\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "select(G, 25, lam=0.5, checkpoint_dir=sys.argv[2], checkpoint_every=4, on_step=on_step)\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "G.npy"), str(ck)], capture_output=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
-    assert len(json.loads((ck / "picks.json").read_text())["picks"]) == 8
-    resumed = select(G, 25, lam=0.5, checkpoint_dir=str(ck), checkpoint_every=4)
-    full = select(G, 25, lam=0.5)
-    assert resumed.stats["replayed"] == 8
-    assert resumed.indices.tolist() == full.indices.tolist() and resumed.logdet == full.logdet
 
 
 def test_checkpoint_of_another_problem_is_ignored(tmp_path) -> None:

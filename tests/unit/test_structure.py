@@ -1,4 +1,5 @@
-"""The package's shape, checked from the source with ``ast`` (nothing is imported, nothing runs).
+"""The package's shape and the unit tests' bounds, checked from the source with ``ast`` (nothing is
+imported, nothing runs).
 
 1. Storage goes through ``spice_ray/storage.py``: no other module renames with ``os.replace``, tests
    for a URI with a ``"://"`` literal or builds a filesystem with ``FileSystem.from_uri`` (which
@@ -7,14 +8,25 @@
    ``publish_once`` and ``replace_dir`` instead.
 2. The import graph of ``spice_ray`` has no cycles, counting imports inside functions too (a cycle
    through a function-level import works at run time but is still two modules that need each other).
+3. Ray is imported only by its shells (``RAY_MODULES``: the executor, the shard actors, the Ray Train
+   session, the fault drills, job submission, the log routing, the test helpers), and the math and
+   data rooms (``corpus/``, ``select/`` but its stage and Ray shells, ``sketch/`` but its stage,
+   ``config``, ``storage``) reach none of them through any chain of imports.
+4. ``tests/unit`` starts no subprocess, browser or pipeline: no test there imports ``subprocess`` or
+   ``multiprocessing``, uses ``sys.executable`` or ``os.system``, calls ``run_pipeline``,
+   ``run_bench``, a ``run_*_stage``, ``run_loop`` or ``LocalExecutor``, invokes a CLI command that
+   runs stages (``run``, ``select``, ``bench``, ...) with a literal argument list, or takes the Ray
+   or executor fixtures. Such tests go to ``tests/integration``.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[2] / "spice_ray"
+UNIT_TESTS = Path(__file__).resolve().parent
 
 STORAGE_ALLOWED = {"storage.py"}
 
@@ -160,3 +172,89 @@ def test_the_import_graph_sees_function_level_and_package_imports():
 def test_no_import_cycles():
     cycles = _cycles(import_graph())
     assert not cycles, "import cycles:\n" + "\n".join(" → ".join(c) for c in cycles)
+
+
+RAY_MODULES = {"spice_ray.ray_executor", "spice_ray.select.ray_shards", "spice_ray.train.session", "spice_ray.train.faults",
+               "spice_ray.submit", "spice_ray.logs", "spice_ray.testing"}
+STAGE_SHELLS = {"spice_ray.select.ray_shards", "spice_ray.select.stage", "spice_ray.sketch.stage"}
+
+
+def _imports_ray(path: Path) -> list[int]:
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""]
+        else:
+            continue
+        lines += [node.lineno for name in names if name == "ray" or name.startswith("ray.")]
+    return lines
+
+
+def test_ray_is_imported_only_by_its_shells():
+    bad = [f"spice_ray/{path.relative_to(PACKAGE).as_posix()}:{line}: imports ray"
+           for name, path in _modules().items() if name not in RAY_MODULES for line in _imports_ray(path)]
+    assert not bad, "Ray belongs in the modules of RAY_MODULES:\n" + "\n".join(bad)
+
+
+def test_the_math_and_data_rooms_reach_no_ray_module():
+    graph = import_graph()
+    rooms = ("spice_ray.corpus", "spice_ray.select", "spice_ray.sketch", "spice_ray.config", "spice_ray.storage")
+    bad = []
+    for name in sorted(graph):
+        if not name.startswith(rooms) or name in STAGE_SHELLS:
+            continue
+        seen, todo = set(), [name]
+        while todo:
+            for child in graph[todo.pop()] - seen:
+                seen.add(child)
+                todo.append(child)
+        bad += [f"{name} reaches {ray}" for ray in sorted(seen & RAY_MODULES)]
+    assert not bad, "\n".join(bad)
+
+UNIT_FORBIDDEN_MODULES = {"subprocess", "multiprocessing", "playwright", "pyppeteer", "selenium"}
+UNIT_FORBIDDEN_ATTRIBUTES = {("sys", "executable"), ("os", "system"), ("os", "fork"), ("os", "posix_spawn"), ("ray", "init")}
+UNIT_FORBIDDEN_CALLS = re.compile(r"^(run_pipeline|run_bench|run_stage|run_loop|run_\w+_stage|LocalExecutor)$")
+UNIT_FORBIDDEN_FIXTURES = {"ray_session", "ray_executor", "local_executor"}
+STAGE_COMMANDS = {"run", "ingest", "sketch", "select", "train", "eval", "demo", "bench", "pretrain", "submit"}
+
+
+def _unit_test_violations(tree: ast.AST) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, f"import {a.name}") for a in node.names if a.name.split(".")[0] in UNIT_FORBIDDEN_MODULES]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNIT_FORBIDDEN_MODULES:
+            found.append((node.lineno, f"from {node.module} import"))
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (node.value.id, node.attr) in UNIT_FORBIDDEN_ATTRIBUTES:
+            found.append((node.lineno, f"{node.value.id}.{node.attr}"))
+        elif isinstance(node, ast.Call):
+            name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if UNIT_FORBIDDEN_CALLS.match(name):
+                found.append((node.lineno, f"{name}(...)"))
+            elif name == "invoke":  # CliRunner().invoke(app, ["run", ...]): a command that runs stages
+                found += [(node.lineno, f"invoke {a.elts[0].value}") for a in node.args if isinstance(a, ast.List) and a.elts
+                          and isinstance(a.elts[0], ast.Constant) and a.elts[0].value in STAGE_COMMANDS]
+        elif isinstance(node, ast.FunctionDef) and node.name.startswith("test"):
+            found += [(node.lineno, f"fixture {a.arg}") for a in node.args.args if a.arg in UNIT_FORBIDDEN_FIXTURES]
+    return found
+
+
+def test_the_unit_checker_sees_subprocesses_pipelines_and_ray_fixtures():
+    source = (
+        "import subprocess, sys\nfrom spice_ray.pipeline import run_pipeline\n"
+        "def test_a(ray_session):\n    subprocess.run([sys.executable])\n    run_pipeline(cfg)\n"
+        "def test_b(tmp_path):\n    x.run_sketch_stage(cfg)\n    LocalExecutor().train()\n"
+        "    CliRunner().invoke(app, ['select', '--root', root])\n    CliRunner().invoke(app, ['config'])\n"
+    )
+    assert sorted(_unit_test_violations(ast.parse(source))) == [
+        (1, "import subprocess"), (3, "fixture ray_session"), (4, "sys.executable"), (5, "run_pipeline(...)"),
+        (7, "run_sketch_stage(...)"), (8, "LocalExecutor(...)"), (9, "invoke select")]
+
+
+def test_unit_tests_start_no_subprocess_browser_or_pipeline():
+    bad = []
+    for path in sorted(UNIT_TESTS.glob("*.py")):
+        bad += [f"tests/unit/{path.name}:{line}: {what}" for line, what in sorted(_unit_test_violations(ast.parse(path.read_text())))]
+    assert not bad, "tests/unit runs in this process only; move these tests to tests/integration:\n" + "\n".join(bad)
