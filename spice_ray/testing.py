@@ -30,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from spice_ray.config import Config, LoraConfig, ModelConfig, TrainConfig
+from spice_ray.storage import STAGE_MARKER
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SPICE_SHARED", REPO.parent / "shared"))
@@ -369,7 +370,7 @@ def make_report_run(
         d = root / stage
         d.mkdir(parents=True, exist_ok=True)
         (d / "manifest.json").write_text(json.dumps({"stage": stage, "key": "k-" + stage, "result": result}))
-        (d / "_SUCCESS").write_text("k-" + stage + "\n")
+        (d / STAGE_MARKER).write_text("k-" + stage + "\n")
 
     if "ingest" in stages:
         ing = root / "ingest"
