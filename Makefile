@@ -46,7 +46,7 @@ lock-drift: venv
 demo: venv
 	$(BIN)/spice-ray demo
 
-# make test: everything but the drills (about 8 min on 2 cores); CI runs both.
+# make test: everything but the drills (about 14 min on 2 cores); CI runs both (about 32 min).
 test: venv
 	$(BIN)/pytest -m "not drill"
 
