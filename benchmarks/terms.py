@@ -11,7 +11,6 @@ training: seconds per budget.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -57,7 +56,6 @@ def main() -> int:
     table = "\n".join(lines)
     print(table)
     (args.root / "terms.md").write_text(table + "\n")
-    print(json.dumps({"paper": {"rho_conflict_gain": -0.79, "gain_halving_step": "10–30"}}))
     return 0
 
 

@@ -46,6 +46,14 @@ def shared_data_or_skip() -> Path:
     return SHARED_DATA
 
 
+def assert_one_line_error(output: str, needle: str) -> None:
+    """The CLI's failure shape: the last non-blank line is the only ``error:`` line and names ``needle``; no traceback."""
+    lines = [line for line in output.strip().splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error:") and needle in lines[-1], output
+    assert "Traceback" not in output, output
+    assert not any(line.startswith("error:") for line in lines[:-1]), output
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,6 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from spice_ray.cli import app
+from spice_ray.testing import assert_one_line_error
 
 BOMB = "".join(f"{c}: &{c} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['lol'] * 9)}]\n"
                for p, c in zip(["", "a", "b", "c", "d", "e", "f"], "abcdefg", strict=True))
@@ -32,7 +33,4 @@ def test_one_line_error_and_exit_2(tmp_path, case):
     args, needle = _cases(tmp_path)[case]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("error:") and needle in lines[-1], result.output
-    assert "Traceback" not in result.output, result.output
-    assert not any(line.startswith("error:") for line in lines[:-1])  # one error line, the last
+    assert_one_line_error(result.output, needle)

@@ -79,12 +79,10 @@ def test_the_target_rows_are_never_picked(tmp_path, method, budget):
 
 
 def test_spice_with_a_target_selects_among_the_closest_rows(tmp_path):
-    uids, G, tokens = _pool(tmp_path)
+    uids, G, _ = _pool(tmp_path)
     rows = [3, 17, 40, 77]
     (tmp_path / "target.txt").write_text("\n".join(uids[i] for i in rows) + "\n")
     others = np.array([i for i in range(N) if i not in rows])
-    Gs = G[others].astype(np.float64) * (tokens[others] / tokens[others].mean())[:, None]  # scale: tokens
-    alpha = 1.0 / float(np.median(np.einsum("ij,ij->i", Gs, Gs)[np.einsum("ij,ij->i", Gs, Gs) > 0]))
     common = {"method": "spice", "target": str(tmp_path / "target.txt"), "lam": 0.3, "scale": "none", "alpha": 0.5}
 
     picked, summary = _picks(tmp_path, "p03", **common, target_pool=0.3)
@@ -96,7 +94,7 @@ def test_spice_with_a_target_selects_among_the_closest_rows(tmp_path):
     whole, summary = _picks(tmp_path, "p1", **common, target_pool=1.0)  # 1: the direction is ignored
     assert whole == [uids[others[i]] for i in select(G[others], 10, lam=0.3, alpha=0.5).indices]
     assert "target_pool_rows" not in summary
-    assert alpha > 0  # the default α (auto) is resolved on all candidates, not only the near ones
+    # the default α (auto) is resolved on all candidates, not only the near ones
     _, auto = _picks(tmp_path, "auto", method="spice", target=str(tmp_path / "target.txt"), target_pool=0.3)
     _, auto_all = _picks(tmp_path, "auto_all", method="spice", target=str(tmp_path / "target.txt"), target_pool=1.0)
     assert auto["alpha"] == auto_all["alpha"]
